@@ -1,0 +1,225 @@
+"""How tensors are laid out on a device mesh.
+
+Every parameter carries logical axis names (`embed`, `heads`, `mlp`, ...) as
+metadata, and layers pin their activations with logical names too. One rules
+table maps each logical name to mesh axes (`data`, `stage`, `fsdp`, `tensor`).
+Shardings for a whole state are derived from its abstract shape, so changing
+the parallel layout is a change of mesh shape or rules, never of model code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+# Outermost to innermost: `tensor` last, so it lands on the closest devices.
+MESH_AXES = ("data", "stage", "fsdp", "tensor")
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = Mapping[str, MeshAxes]
+
+DEFAULT_RULES: dict[str, MeshAxes] = {
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,  # the residual stream is replicated across fsdp and tensor
+    # parameters (heads, kv_heads, head_dim, mlp, vocab also name activation dimensions)
+    "embed": "fsdp",  # ZeRO-3: parameters and optimiser state split over fsdp
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "norm": None,
+    "layers": None,
+    "stage": "stage",
+}
+
+
+class ShardingError(ValueError):
+    """A mesh or rules table that cannot lay out a tensor."""
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """`"data=2,fsdp=-1"` -> `{"data": 2, "fsdp": -1}` (for command lines)."""
+    shape: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, size = item.partition("=")
+        if not sep:
+            raise ShardingError(f"mesh entry {item!r} is not AXIS=SIZE (e.g. data=2,fsdp=-1)")
+        try:
+            shape[name.strip()] = int(size)
+        except ValueError:
+            raise ShardingError(f"mesh entry {item!r}: size {size!r} is not an integer") from None
+    return shape
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> dict[str, int]:
+    """All four axes with sizes; a single -1 becomes whatever the devices leave."""
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ShardingError(f"unknown mesh axis {sorted(unknown)[0]!r}; the mesh axes are {MESH_AXES}")
+    sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+    free = [axis for axis, size in sizes.items() if size == -1]
+    bad = [axis for axis, size in sizes.items() if size < 1 and size != -1]
+    if bad or len(free) > 1:
+        raise ShardingError(f"mesh sizes must be positive, with at most one -1; got {dict(shape)}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if n_devices % fixed:
+            raise ShardingError(
+                f"mesh {dict(shape)}: {n_devices} devices do not divide by the fixed axes' product {fixed}"
+            )
+        sizes[free[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        raise ShardingError(
+            f"mesh {dict(shape)} needs {fixed} devices but {n_devices} are available; "
+            "change the sizes or give one axis -1"
+        )
+    return sizes
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all) with axes `data, stage, fsdp, tensor`.
+
+    Axes left out have size 1; one size may be -1 ("the rest").
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = resolve_mesh_shape(shape, len(devices))
+    grid = np.asarray(devices, dtype=object).reshape([sizes[axis] for axis in MESH_AXES])
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def make_abstract_mesh(shape: Mapping[str, int], n_devices: int) -> AbstractMesh:
+    """A mesh of the given shape with no devices behind it, for planning big layouts."""
+    sizes = resolve_mesh_shape(shape, n_devices)
+    return AbstractMesh(
+        tuple(sizes[axis] for axis in MESH_AXES), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)
+    )
+
+
+# ----------------------------------------------------------------------------- logical -> mesh
+
+
+def logical_to_spec(names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+    """Logical axis names of one tensor -> its PartitionSpec under `rules`."""
+    entries: list[MeshAxes] = []
+    used: set[str] = set()
+    for name in names:
+        if name is None:
+            entries.append(None)
+            continue
+        if name not in rules:
+            raise ShardingError(f"logical axis {name!r} has no rule; rules cover {sorted(rules)}")
+        axes = rules[name]
+        axes_tuple = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if used & set(axes_tuple):
+            raise ShardingError(
+                f"logical axes {tuple(names)} map mesh axis {sorted(used & set(axes_tuple))[0]!r} "
+                "twice; fix the rules table"
+            )
+        used |= set(axes_tuple)
+        entries.append(axes_tuple[0] if len(axes_tuple) == 1 else (axes_tuple or None))
+    return PartitionSpec(*entries)
+
+
+def _axes_size(mesh: Mesh | AbstractMesh, entry: MeshAxes) -> int:
+    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+    return math.prod(mesh.shape[axis] for axis in axes)
+
+
+def check_divisible(
+    what: str, shape: Sequence[int], names: Sequence[str | None], mesh: Mesh | AbstractMesh, rules: Rules
+) -> None:
+    """Raise a ShardingError naming `what` if a dimension does not split evenly."""
+    spec = logical_to_spec(names, rules)
+    if len(names) != len(shape):
+        raise ShardingError(f"{what}: shape {tuple(shape)} has {len(shape)} dims but logical axes {tuple(names)}")
+    for dim, (size, name, entry) in enumerate(zip(shape, names, spec, strict=False)):
+        parts = _axes_size(mesh, entry)
+        if size % parts:
+            raise ShardingError(
+                f"{what} with shape {tuple(shape)}: dimension {dim} ({name!r}, size {size}) does not divide "
+                f"by mesh axes {entry!r} (together {parts} devices). Pick a mesh whose {entry!r} size "
+                f"divides {size}, or map {name!r} elsewhere in the rules."
+            )
+
+
+def _variables_with_paths(state: Any) -> list[tuple[str, nnx.Variable]]:
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    flat, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_var)
+    return [(jax.tree_util.keystr(path, simple=True, separator="/"), var) for path, var in flat]
+
+
+def logical_axes_of(variable: nnx.Variable) -> tuple[str | None, ...]:
+    """The logical axis names a parameter was created with (replicated if none)."""
+    return tuple(variable.get_metadata().get("logical_axes", (None,) * len(variable.shape)))
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh | AbstractMesh, rules: Rules = DEFAULT_RULES) -> Any:
+    """NamedShardings for every variable of a (possibly abstract) state, from its metadata.
+
+    Checks first that every sharded dimension divides by its mesh axes.
+    """
+    for path, var in _variables_with_paths(abstract_state):
+        check_divisible(f"parameter {path!r}", var.shape, logical_axes_of(var), mesh, rules)
+    return jax.tree.map(
+        lambda var: NamedSharding(mesh, logical_to_spec(logical_axes_of(var), rules)),
+        abstract_state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def describe_layout(abstract_state: Any, mesh: Mesh | AbstractMesh, rules: Rules = DEFAULT_RULES) -> list[dict]:
+    """One row per parameter: path, shape, logical axes, spec and per-device shard shape."""
+    rows = []
+    for path, var in _variables_with_paths(abstract_state):
+        names = logical_axes_of(var)
+        check_divisible(f"parameter {path!r}", var.shape, names, mesh, rules)
+        spec = logical_to_spec(names, rules)
+        shard = tuple(size // _axes_size(mesh, entry) for size, entry in zip(var.shape, spec, strict=True))
+        rows.append(
+            {"path": path, "shape": tuple(var.shape), "dtype": str(var.dtype), "logical_axes": names,
+             "spec": spec, "shard_shape": shard}
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- activations
+
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("meshlm_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """Make `constrain` pin activations on `mesh` while tracing inside this block."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's layout by logical names. Without an active mesh there is
+    nothing to lay out and `x` is returned as it is."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+def named_sharding(mesh: Mesh, names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, rules))
