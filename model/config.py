@@ -55,6 +55,8 @@ class ModelConfig:
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # from YAML / JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        if isinstance(self.remat, str):  # "save-dots" and "save_dots" both name the policy
+            object.__setattr__(self, "remat", self.remat.replace("-", "_"))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

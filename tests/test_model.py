@@ -146,7 +146,7 @@ def _loss_and_grads(config, seed=0):
     return jax.jit(jax.value_and_grad(loss))(state)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots"])
+@pytest.mark.parametrize("policy", ["full", "save-dots"])
 def test_remat_policies_give_the_same_gradients(policy):
     loss, grads = _loss_and_grads(TINY)
     remat_loss, remat_grads = _loss_and_grads(TINY.replace(remat=policy))

@@ -4,8 +4,9 @@ The reference below is written from the Hugging Face Llama definition (RMSNorm,
 rotary embeddings with the rotate_half convention and optional Llama-3.1
 frequency scaling, grouped-query causal attention restricted to a segment, SwiGLU
 MLP), computed in float64, and fed the model's own weights. Weights are redrawn
-at a large scale so the logits are far from zero and a 1e-5 comparison is
-meaningful.
+so that the logits are O(1), not near zero, and a 1e-5 comparison is meaningful.
+Each test also checks that the feature it is about changes the logits, so that
+it could fail.
 """
 
 import math
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import RopeScaling, get_preset, init_model
+from model import RopeScaling, abstract_model, get_preset, init_model
 
 RTOL = 1e-5
 ATOL = 1e-5
@@ -134,14 +135,15 @@ def reference_logits(w, cfg, tokens, positions=None, segment_ids=None, rope_scal
 # ---------------------------------------------------------------- helpers
 
 
-def _model_with_random_weights(cfg, seed, gain=GAIN, embed_std=EMBED_STD):
+def _model_with_random_weights(cfg, seed, gain=GAIN, embed_std=EMBED_STD, initialise=False):
     """A model whose weights are redrawn so the logits are O(1), not near zero.
 
     Matrices are normal with std gain / sqrt(fan_in) (fan_in: the dimensions contracted
     in the forward pass), the embedding normal with std embed_std, norm scales uniform
-    in [0.5, 1.5].
+    in [0.5, 1.5]. The model is built abstractly (shapes only, fast) and then given
+    these weights, or with initialise=True built by init_model first.
     """
-    m = init_model(cfg, seed=seed)
+    m = init_model(cfg, seed=seed) if initialise else abstract_model(cfg, seed=seed)
     pure = nnx.to_pure_dict(nnx.state(m))
     rng = np.random.default_rng(seed + 1234)
     hd = cfg.n_heads * cfg.head_dim
@@ -150,7 +152,6 @@ def _model_with_random_weights(cfg, seed, gain=GAIN, embed_std=EMBED_STD):
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
     new_leaves = []
     for path, leaf in paths_leaves:
-        leaf = np.asarray(leaf)
         name = str(path[-1].key)
         if name == "scale":
             new = rng.uniform(0.5, 1.5, size=leaf.shape)
@@ -160,7 +161,7 @@ def _model_with_random_weights(cfg, seed, gain=GAIN, embed_std=EMBED_STD):
             new = rng.normal(0.0, gain / math.sqrt(fan_in[name]), size=leaf.shape)
         new_leaves.append(new.astype(leaf.dtype))
     new_pure = jax.tree_util.tree_unflatten(treedef, new_leaves)
-    nnx.update(m, new_pure)
+    nnx.update(m, jax.tree.map(jnp.asarray, new_pure))
     got = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(m)))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(new_pure), strict=True):
         np.testing.assert_array_equal(a, b)  # the update really took
@@ -192,20 +193,27 @@ def _compare(m, w, cfg, tokens, positions=None, segment_ids=None):
 
 def test_tiny_default_positions_and_segments():
     cfg = get_preset("tiny")
-    m, w = _model_with_random_weights(cfg, seed=0)
+    m, w = _model_with_random_weights(cfg, seed=0, initialise=True)
     _compare(m, w, cfg, _tokens(cfg, 2, 16, seed=1))
 
 
-def test_tied_embeddings_with_offset_positions_and_packed_segments():
+def test_tied_embeddings_with_uneven_positions_and_packed_segments():
     cfg = get_preset("tiny").replace(tie_embeddings=True)
     m, w = _model_with_random_weights(cfg, seed=2)
     assert "lm_head" not in w
     b, t = 2, 16
     tokens = _tokens(cfg, b, t, seed=3)
-    positions = np.broadcast_to(np.arange(t) + 5, (b, t)).copy()
-    positions[1] = np.concatenate([np.arange(7), np.arange(t - 7)])  # restart at each document
+    # Rotary attention depends only on position differences, so a constant offset alone
+    # would be indistinguishable from the default positions: the gaps here are uneven.
+    gaps = np.random.default_rng(3).integers(1, 4, size=(b, t))
+    positions = 5 + np.cumsum(gaps, axis=1)  # row 0: one run of uneven positions from 6
+    positions[1, 7:] -= positions[1, 7]  # row 1: positions restart at its second document
     segment_ids = np.array([[1] * 9 + [2] * 7, [1] * 7 + [2] * 9], dtype=np.int32)
     got, _ = _compare(m, w, cfg, tokens, positions, segment_ids)
+
+    # The positions matter: the default ones give other logits.
+    default_positions = reference_logits(w, cfg, tokens, segment_ids=segment_ids)
+    assert not np.allclose(default_positions, got, rtol=1e-3, atol=1e-3)
 
     # The segment rule matters: ignoring it gives different logits for the second document.
     unsegmented = reference_logits(w, cfg, tokens, positions)
@@ -248,5 +256,5 @@ def test_explicit_head_dim(head_dim):
     m, w = _model_with_random_weights(cfg, seed=6)
     assert w["layers"]["attn"]["wq"].shape == (cfg.n_layers, cfg.d_model, cfg.n_heads, head_dim)
     b, t = 2, 12
-    positions = np.broadcast_to(np.arange(t) + 3, (b, t))
+    positions = np.broadcast_to(2 * np.arange(t) + 3, (b, t))  # stride 2: differences matter
     _compare(m, w, cfg, _tokens(cfg, b, t, seed=7), positions)
