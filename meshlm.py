@@ -2,6 +2,8 @@
 
     meshlm demo [--preset small] [--mesh data=2,fsdp=2,tensor=2]
     meshlm plan --preset llama3-70b --mesh fsdp=-1,tensor=8 --devices 256
+    meshlm data prepare --out runs/data/stdlib [--tokenizer bpe:8192] [--seq-len 256]
+    meshlm data show runs/data/stdlib
 """
 
 from __future__ import annotations
@@ -113,6 +115,48 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    """Raw documents -> token store, with a stage report."""
+    import datasets
+
+    from data.clean import FilterConfig
+    from data.pipeline import PrepareConfig, prepare
+
+    if not args.progress:
+        datasets.disable_progress_bars()
+    config = PrepareConfig(
+        out=args.out, source=args.source, text_field=args.text_field, limit=args.limit, tokenizer=args.tokenizer,
+        bpe_train_bytes=int(args.bpe_train_mb * 1e6), seq_len=args.seq_len, drop_tail=args.drop_tail,
+        filter=FilterConfig(min_chars=args.min_chars, max_chars=args.max_chars, min_alnum_share=args.min_alnum_share,
+                            max_repeated_line_share=args.max_repeated_line_share, max_line_chars=args.max_line_chars),
+        near_dedup=not args.no_near_dedup, dedup_threshold=args.dedup_threshold, num_proc=args.num_proc,
+        overwrite=args.overwrite, seed=args.seed,
+    )
+    prepare(config)
+    return 0
+
+
+def cmd_data_show(args: argparse.Namespace) -> int:
+    """What a token store holds: its metadata, stage counts and the first rows decoded."""
+    from data.pipeline import store_tokenizer
+    from data.report import StageStats, format_table
+    from data.store import open_store
+
+    store = open_store(args.store)
+    meta = store.metadata
+    tokenizer = store_tokenizer(store)
+    print(f"token store {store.path}: {store.num_rows:,} rows x {store.seq_len + 1} tokens, "
+          f"tokenizer {meta['tokenizer']['name']} (vocab {tokenizer.vocab_size:,}, eos {tokenizer.eos_id}), "
+          f"created {meta.get('created')}")
+    if meta.get("stages"):
+        print(format_table([StageStats(**stage) for stage in meta["stages"]]))
+    tokens, segments = store.read_rows(list(range(min(args.rows, store.num_rows))))
+    for i, (row, seg) in enumerate(zip(tokens, segments, strict=True)):
+        print(f"\n--- row {i} ({int(seg.max())} segments) ---")
+        print(tokenizer.decode(row[seg > 0].tolist())[: args.chars])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshlm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,17 +178,56 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--seq-len", type=int, default=None)
     plan.set_defaults(func=cmd_plan)
 
+    data = sub.add_parser("data", help="the data pipeline").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="documents -> clean -> filter -> dedup -> tokenize -> pack -> token store")
+    prep.add_argument("--out", required=True, help="where to write the token store (a directory or kvstore URL)")
+    prep.add_argument("--source", default="stdlib",
+                      help="stdlib (the embedded corpus), a .txt/.jsonl/.parquet file, directory or glob, "
+                      "or hf:NAME[:SPLIT]")
+    prep.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/hub records holding the text")
+    prep.add_argument("--limit", type=int, default=None, help="use only the first N documents")
+    prep.add_argument("--tokenizer", default="cl100k_base",
+                      help="cl100k_base, o200k_base, bpe:VOCAB (train on the corpus) or a .tiktoken file")
+    prep.add_argument("--bpe-train-mb", type=float, default=20.0, help="text used to train bpe:VOCAB")
+    prep.add_argument("--seq-len", type=int, default=256)
+    prep.add_argument("--drop-tail", action="store_true", help="drop the last, padded row")
+    prep.add_argument("--min-chars", type=int, default=64)
+    prep.add_argument("--max-chars", type=int, default=2_000_000)
+    prep.add_argument("--min-alnum-share", type=float, default=0.25)
+    prep.add_argument("--max-repeated-line-share", type=float, default=0.5)
+    prep.add_argument("--max-line-chars", type=int, default=5_000)
+    prep.add_argument("--no-near-dedup", action="store_true", help="skip MinHash near-duplicate removal")
+    prep.add_argument("--dedup-threshold", type=float, default=0.8, help="Jaccard similarity of near-duplicates")
+    prep.add_argument("--num-proc", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    prep.set_defaults(func=cmd_data_prepare)
+    show = data.add_parser("show", help="a token store's metadata, stage counts and first rows")
+    show.add_argument("store")
+    show.add_argument("--rows", type=int, default=2)
+    show.add_argument("--chars", type=int, default=400, help="characters of each row to print")
+    show.set_defaults(func=cmd_data_show)
+
     args = parser.parse_args(argv)
     if getattr(args, "cpu_devices", None):
         _set_host_devices(args.cpu_devices)
-    from model.config import ConfigError
-    from model.sharding import ShardingError
-
     try:
         return args.func(args)
-    except (ConfigError, ShardingError) as error:
+    except Exception as error:
+        if not _is_user_error(error):
+            raise
         print(f"meshlm {args.command}: error: {error}", file=sys.stderr)
         return 2
+
+
+USER_ERRORS = {"model.config.ConfigError", "model.sharding.ShardingError", "data.errors.DataError"}
+
+
+def _is_user_error(error: Exception) -> bool:
+    """Bad input (a config, mesh or data problem) gets a one-line message; a bug keeps its traceback.
+    Checked by name so the data commands need not import JAX (data workers are forked)."""
+    return any(f"{cls.__module__}.{cls.__qualname__}" in USER_ERRORS for cls in type(error).__mro__)
 
 
 if __name__ == "__main__":
