@@ -64,8 +64,9 @@ class PrepareConfig:
             raise DataError(f"seq_len must be a positive number of tokens, got {self.seq_len}")
         if self.limit is not None and self.limit <= 0:
             raise DataError(f"limit must be positive (or None for all documents), got {self.limit}")
-        if not 0.0 < self.dedup_threshold <= 1.0:
-            raise DataError(f"dedup_threshold is a Jaccard similarity in (0, 1], got {self.dedup_threshold}")
+        if not 0.0 < self.dedup_threshold < 1.0:
+            raise DataError(f"dedup_threshold is a Jaccard similarity in (0, 1) (exact duplicates are always "
+                            f"removed), got {self.dedup_threshold}")
         if self.tokenizer.startswith(BPE_PREFIX):
             _bpe_vocab(self.tokenizer)
         elif self.tokenizer not in OFFICIAL and not os.path.isfile(self.tokenizer):
