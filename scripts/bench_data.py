@@ -33,6 +33,40 @@ def loader_rate(store, batch: int, seconds: float, sharding=None) -> float:
     return count / (time.perf_counter() - start)
 
 
+def loader_wait(store, batch: int, steps: int, sharding, mesh) -> tuple[float, float]:
+    """(mean seconds the consumer waits in next(), mean seconds of its step) with the `small`
+    preset's jitted forward + backward on 8 simulated devices as the consumer."""
+    import jax
+    from flax import nnx
+
+    from data.loader import Loader
+    from model import cross_entropy, get_preset, init_on_mesh
+    from model.sharding import activation_sharding
+
+    config = get_preset("small", max_seq_len=store.seq_len)
+    graphdef, state = nnx.split(init_on_mesh(config, mesh))
+
+    @jax.jit
+    def step(state, batch):
+        def loss(state):
+            with activation_sharding(mesh):
+                logits = nnx.merge(graphdef, state)(batch["tokens"], batch["positions"], batch["segment_ids"])
+            return cross_entropy(logits, batch["targets"], batch["weights"])
+        return jax.grad(loss)(state)
+
+    waits, steps_s = [], []
+    with Loader(store, batch, seed=0, sharding=sharding, prefetch=2) as loader:
+        jax.block_until_ready(step(state, next(loader)))  # compile
+        for _ in range(steps):
+            start = time.perf_counter()
+            batch_arrays = next(loader)
+            waited = time.perf_counter() - start
+            jax.block_until_ready(step(state, batch_arrays))
+            waits.append(waited)
+            steps_s.append(time.perf_counter() - start - waited)
+    return sum(waits) / steps, sum(steps_s) / steps
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", default="cl100k_base")
@@ -40,6 +74,7 @@ def main() -> int:
     parser.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--loader-seconds", type=float, default=3.0)
+    parser.add_argument("--wait-steps", type=int, default=10, help="train steps of `small` timed with the loader")
     parser.add_argument("--out", default="bench_data.json")
     args = parser.parse_args()
 
@@ -55,15 +90,15 @@ def main() -> int:
                                        num_proc=args.num_proc), verbose=False)
         # JAX only now: the pipeline forks its workers, which must not inherit JAX's threads
         os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-        import jax
-        import numpy as np
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        from model import make_mesh
+        from model.sharding import named_sharding
 
         store = open_store(store_path)
-        mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
-        sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+        mesh = make_mesh({"data": 2, "fsdp": 4})
+        sharding = named_sharding(mesh, ("batch", "length"))
         numpy_rate = loader_rate(store, args.batch, args.loader_seconds)
         jax_rate = loader_rate(store, args.batch, args.loader_seconds, sharding)
+        wait, step = loader_wait(store, args.batch, args.wait_steps, sharding, mesh)
 
     print(f"{'stage':<12} {'docs in':>8} {'docs out':>8} {'MB in':>8} {'seconds':>8} {'MB/s':>8}")
     for s in report["stages"]:
@@ -75,8 +110,11 @@ def main() -> int:
           f"{tokenize['extra']['tokens_per_s']:,.0f} tokens/s")
     print(f"loader, batch {args.batch} x {args.seq_len}: {numpy_rate:,.0f} batches/s as numpy, "
           f"{jax_rate:,.0f} batches/s as jax.Arrays on 8 simulated devices")
+    print(f"loader feeding a `small` forward+backward step ({step * 1e3:.0f} ms): the step waits "
+          f"{wait * 1e3:.2f} ms per batch on average")
     result = {"command": " ".join(sys.argv), "platform": platform.platform(), "cpus": os.cpu_count(),
-              "report": report, "loader_batches_per_s": {"numpy": numpy_rate, "jax_8_devices": jax_rate}}
+              "report": report, "loader_batches_per_s": {"numpy": numpy_rate, "jax_8_devices": jax_rate},
+              "small_step": {"step_seconds": step, "wait_seconds": wait}}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"wrote {args.out}")
