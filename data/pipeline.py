@@ -165,7 +165,7 @@ def _stage_tokenizer(docs: datasets.Dataset, config: PrepareConfig, workdir: str
     with timed(stats):
         tokenizer = train_bpe(texts, vocab, os.path.join(workdir, f"bpe{vocab}.tiktoken"),
                               name=f"bpe{vocab}")
-    stats.docs_out = stats.docs_in
+    stats.docs_out, stats.bytes_out = stats.docs_in, stats.bytes_in  # reads the text, changes nothing
     stats.extra = {"vocab_size": tokenizer.vocab_size}
     return tokenizer, stats
 
