@@ -10,3 +10,24 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, f"tests expect 8 simulated devices, got {jax.devices()}"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def stdlib_texts() -> list[str]:
+    """The embedded corpus's documents that are UTF-8, in corpus order (a few stdlib test files
+    deliberately are not)."""
+    import datasets
+
+    from data.sources import load_documents
+
+    datasets.disable_progress_bars()
+    texts = []
+    for raw in load_documents("stdlib")["raw"]:
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            continue
+    return texts

@@ -21,7 +21,6 @@ from data.dedup import (
     shingles,
 )
 from data.errors import DataError
-from data.sources import load_documents
 
 datasets.disable_progress_bars()
 
@@ -37,14 +36,9 @@ def true_jaccard(a: str, b: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def corpus() -> list[str]:
+def corpus(stdlib_texts) -> list[str]:
     """A fixed sample of distinct-text, non-empty documents of the embedded corpus (undecodable files skipped)."""
-    texts = []
-    for raw in load_documents("stdlib")["raw"]:
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            continue
+    texts = stdlib_texts
     texts = [t for t, first in zip(texts, exact_duplicate_mask(texts), strict=True) if first and shingles(t)]
     return random.Random(0).sample(texts, SAMPLE)
 

