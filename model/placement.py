@@ -21,19 +21,19 @@ from model.sharding import DEFAULT_RULES, Rules, activation_sharding, check_divi
 from model.transformer import Transformer
 
 
-def _new_model(config: ModelConfig, seed: int) -> Transformer:
+def new_model(config: ModelConfig, seed: int) -> Transformer:
     return Transformer(config, rngs=nnx.Rngs(params=seed))
 
 
 def abstract_model(config: ModelConfig, seed: int = 0) -> Transformer:
     """The model's structure, shapes and metadata, with no memory allocated."""
-    return nnx.eval_shape(lambda: _new_model(config, seed))
+    return nnx.eval_shape(lambda: new_model(config, seed))
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
     """A model with freshly initialised parameters on the default device."""
     graphdef, _ = nnx.split(abstract_model(config, seed))
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(_new_model(config, seed)))())
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.state(new_model(config, seed)))())
 
 
 def init_on_mesh(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES, seed: int = 0) -> Transformer:
@@ -41,7 +41,7 @@ def init_on_mesh(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES, 
     holds the whole model. The values equal `init_model(config, seed)`'s bit for bit."""
     graphdef, abstract_state = nnx.split(abstract_model(config, seed))
     shardings = state_shardings(abstract_state, mesh, rules)  # checks divisibility first
-    state = jax.jit(lambda: nnx.state(_new_model(config, seed)), out_shardings=shardings)()
+    state = jax.jit(lambda: nnx.state(new_model(config, seed)), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
 
 

@@ -1,0 +1,245 @@
+"""Run configuration: frozen dataclasses, filled from a YAML file and `key=value` overrides.
+
+    model:      {preset: small, compute_dtype: bfloat16}     # a preset plus any ModelConfig field
+    mesh:       {data: 2, fsdp: -1}
+    data:       {store: runs/data/stdlib}
+    optim:      {lr: 3.0e-3, weight_decay: 0.1, clip_norm: 1.0}
+    schedule:   {kind: cosine, warmup_steps: 50}
+    train:      {steps: 500, batch_size: 16, microbatches: 1}
+    checkpoint: {every: 100, keep: 3}
+    log:        {every: 10, eval_every: 100}
+    run_dir:    runs/train/small
+
+An unknown key anywhere is an error that names it and the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from model.config import ModelConfig, get_preset
+
+
+class TrainConfigError(ValueError):
+    """A run configuration that names something that does not exist or cannot work."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    data: int = 1
+    stage: int = 1
+    fsdp: int = -1  # by default every device shards parameters and batch (ZeRO-3)
+    tensor: int = 1
+
+    def shape(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    store: str = "runs/data/stdlib"
+    val_fraction: float = 0.01
+    prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    lr: float = 3e-3
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_norms_and_embeddings: bool = False  # False: the mask spares norm scales and the embedding table
+    clip_norm: float = 1.0  # global-norm clipping; 0 turns it off
+    z_loss: float = 0.0  # weight of mean(log Z^2), e.g. 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSection:
+    kind: str = "cosine"  # cosine | linear | constant (each after a linear warmup)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # the decay ends at lr * min_lr_ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    steps: int = 500
+    batch_size: int = 16  # global batch, in rows of seq_len tokens
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many parts
+    seed: int = 0
+    nonfinite: str = "skip"  # skip | stop | rollback: what a non-finite loss or gradient does
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 100  # steps between checkpoints (one is always written at the end)
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection:
+    every: int = 10  # steps between metric lines
+    eval_every: int = 100  # steps between validation passes (and at the end)
+    eval_batches: int = 8
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = dataclasses.field(default_factory=lambda: get_preset("small"))
+    mesh: MeshSection = MeshSection()
+    data: DataSection = DataSection()
+    optim: OptimSection = OptimSection()
+    schedule: ScheduleSection = ScheduleSection()
+    train: TrainSection = TrainSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    log: LogSection = LogSection()
+    run_dir: str = "runs/train/default"
+
+    def __post_init__(self):
+        checks = [
+            (self.train.steps > 0, f"train.steps must be positive, got {self.train.steps}"),
+            (self.train.batch_size > 0, f"train.batch_size must be positive, got {self.train.batch_size}"),
+            (self.train.microbatches > 0 and self.train.batch_size % self.train.microbatches == 0,
+             f"train.batch_size ({self.train.batch_size}) must divide into train.microbatches "
+             f"({self.train.microbatches})"),
+            (self.train.nonfinite in ("skip", "stop", "rollback"),
+             f"train.nonfinite must be skip, stop or rollback, got {self.train.nonfinite!r}"),
+            (self.schedule.kind in ("cosine", "linear", "constant"),
+             f"schedule.kind must be cosine, linear or constant, got {self.schedule.kind!r}"),
+            (self.optim.lr > 0, f"optim.lr must be positive, got {self.optim.lr}"),
+            (self.checkpoint.every > 0 and self.checkpoint.keep > 0,
+             "checkpoint.every and checkpoint.keep must be positive"),
+            (self.log.every > 0 and self.log.eval_every > 0, "log.every and log.eval_every must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise TrainConfigError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for YAML, JSON and checkpoints); `from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- building from data
+
+
+def _close(name: str, valid: list[str]) -> str:
+    matches = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    return f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
+
+
+def _unknown(where: str, name: str, valid: list[str]) -> TrainConfigError:
+    return TrainConfigError(f"unknown key {where}{name!r}{_close(name, valid)} (valid: {', '.join(valid)})")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """YAML scalars -> the field's type (ints for float fields, numbers for str-typed YAML like 3e-3)."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not isinstance(value, hint if hint is not float else (int, float)):
+        raise TrainConfigError(f"{where} must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def _section(cls: type, values: Any, where: str) -> Any:
+    if not isinstance(values, dict):
+        raise TrainConfigError(f"{where} must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise _unknown(f"{where}.", key, names)
+    return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
+
+
+def _model(values: Any) -> ModelConfig:
+    if isinstance(values, ModelConfig):
+        return values
+    if not isinstance(values, dict):
+        raise TrainConfigError(f"model must be a mapping (preset plus fields), got {values!r}")
+    values = dict(values)
+    config = get_preset(values.pop("preset", "small"))
+    fields = [f.name for f in dataclasses.fields(ModelConfig)]
+    for key in values:
+        if key not in fields:
+            raise _unknown("model.", key, ["preset", *fields])
+    hints = typing.get_type_hints(ModelConfig)
+    return config.replace(**{k: _coerce(v, hints[k], f"model.{k}") for k, v in values.items()})
+
+
+SECTIONS = {"mesh": MeshSection, "data": DataSection, "optim": OptimSection, "schedule": ScheduleSection,
+            "train": TrainSection, "checkpoint": CheckpointSection, "log": LogSection}
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    valid = ["model", *SECTIONS, "run_dir"]
+    for key in values:
+        if key not in valid:
+            raise _unknown("", key, valid)
+    kwargs: dict[str, Any] = {name: _section(cls, values[name], name)
+                              for name, cls in SECTIONS.items() if name in values}
+    if "model" in values:
+        kwargs["model"] = _model(values["model"])
+    if "run_dir" in values:
+        kwargs["run_dir"] = str(values["run_dir"])
+    return TrainConfig(**kwargs)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`section.key=value` strings applied onto nested plain data (values parsed as YAML)."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise TrainConfigError(f"override {item!r} is not KEY=VALUE (e.g. optim.lr=1e-3)")
+        value = yaml.safe_load(raw) if raw else ""
+        parts = key.strip().split(".")
+        if len(parts) == 1:
+            values[parts[0]] = value
+        elif len(parts) == 2:
+            section = values.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise TrainConfigError(f"override {item!r}: {parts[0]!r} is not a section")
+            section[parts[1]] = value
+        else:
+            raise TrainConfigError(f"override {item!r}: keys are SECTION.KEY, one level deep")
+    return values
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from an optional YAML file plus `key=value` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise TrainConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as error:
+            raise TrainConfigError(f"config file {path!r} is not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise TrainConfigError(f"config file {path!r} must hold a mapping of sections")
+    return from_dict(apply_overrides(values, overrides or []))
