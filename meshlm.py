@@ -1,6 +1,7 @@
 """The `meshlm` command line. Thin: parse arguments, compose the packages.
 
-    meshlm demo [--preset small] [--mesh data=2,fsdp=2,tensor=2]
+    meshlm demo [--preset small] [--mesh data=2,fsdp=2,tensor=2] [--steps 150]
+    meshlm train --config configs/small.yaml train.steps=300 mesh.fsdp=-1
     meshlm plan --preset llama3-70b --mesh fsdp=-1,tensor=8 --devices 256
     meshlm data prepare --out runs/data/stdlib [--tokenizer bpe:8192] [--seq-len 256]
     meshlm data show runs/data/stdlib
@@ -12,7 +13,6 @@ import argparse
 import math
 import os
 import sys
-import time
 
 
 def _set_host_devices(count: int) -> None:
@@ -49,46 +49,87 @@ def _summary(config, seq_len: int) -> None:
           f"(training: 6N + 12*L*H*d*T; forward alone is a third)")
 
 
+DEMO_PROMPT = "def fibonacci(n):\n"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Build a preset on a mesh, run a sharded forward pass and check it against one device."""
-    import jax
-    import jax.numpy as jnp
+    """The main job: prepare the embedded corpus, train a preset on a mesh, evaluate, sample."""
+    import datasets
     import numpy as np
     from flax import nnx
 
-    from model import cross_entropy, get_preset, init_on_mesh, make_mesh, parse_mesh, sharded_forward
-    from model.placement import abstract_model, init_model
+    from data.loader import split_rows
+    from data.pipeline import PrepareConfig, prepare, store_tokenizer
+    from data.store import open_store
+    from infer.naive import sample_full_forward
+    from model import get_preset, make_mesh, parse_mesh
+    from model.placement import abstract_model
     from model.sharding import DEFAULT_RULES, describe_layout
+    from train.config import load_config
+    from train.loop import train, unigram_entropy
 
-    config = get_preset(args.preset)
-    seq_len = min(args.seq_len, config.max_seq_len)
-    mesh = make_mesh(parse_mesh(args.mesh))
-    print(f"meshlm demo: preset {args.preset!r} on {mesh.devices.size} {jax.devices()[0].platform} devices")
-    _summary(config, seq_len)
-    _print_layout(describe_layout(nnx.state(abstract_model(config)), mesh, DEFAULT_RULES), dict(mesh.shape))
+    store_path = os.path.join(args.run_dir, "data")
+    print(f"== 1. data: the embedded corpus -> {store_path}")
+    if os.path.exists(os.path.join(store_path, "metadata.json")):
+        print("   (already prepared)")
+    else:
+        datasets.disable_progress_bars()
+        prepare(PrepareConfig(out=store_path, tokenizer=f"bpe:{get_preset(args.preset).vocab_size}",
+                              seq_len=args.seq_len, limit=args.limit, overwrite=True))
+    store = open_store(store_path)
 
-    model = init_on_mesh(config, mesh, seed=args.seed)
-    forward = sharded_forward(model, mesh)
-    batch = args.batch
-    rng = np.random.default_rng(args.seed)
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (batch, seq_len + 1)), jnp.int32)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    state = nnx.state(model)
-    logits = forward(state, inputs)
-    jax.block_until_ready(logits)
-    start = time.perf_counter()
-    for _ in range(args.repeats):
-        logits = forward(state, inputs)
-    jax.block_until_ready(logits)
-    seconds = (time.perf_counter() - start) / args.repeats
-    loss = float(cross_entropy(logits, targets))
-    print(f"\nsharded forward: tokens {tuple(inputs.shape)} -> logits {tuple(logits.shape)} "
-          f"laid out as {logits.sharding.spec}")
-    print(f"loss {loss:.4f} (ln vocab = {math.log(config.vocab_size):.4f} for an untrained model), "
-          f"{batch * seq_len / seconds:,.0f} tokens/s")
+    mesh_shape = parse_mesh(args.mesh)
+    config = load_config(None, [f"model.preset={args.preset}", f"run_dir={os.path.join(args.run_dir, 'train')}",
+                                f"data.store={store_path}", f"train.steps={args.steps}",
+                                f"train.batch_size={args.batch}", f"log.eval_every={args.steps}",
+                                f"checkpoint.every={max(args.steps // 2, 1)}", "schedule.warmup_steps=20",
+                                *[f"mesh.{axis}={size}" for axis, size in mesh_shape.items()], *args.overrides])
+    print(f"\n== 2. train {args.preset!r} for {config.train.steps} steps of {config.train.batch_size} x "
+          f"{store.seq_len} tokens on {jax_devices_summary()}")
+    _summary(config.model, store.seq_len)
+    mesh = make_mesh(config.mesh.shape())
+    _print_layout(describe_layout(nnx.state(abstract_model(config.model)), mesh, DEFAULT_RULES), dict(mesh.shape))
+    result = train(config)
 
-    single = init_model(config, seed=args.seed)(inputs)
-    print(f"max |logits - single-device logits| = {float(jnp.max(jnp.abs(logits - single))):.2e}")
+    print("\n== 3. evaluate")
+    _, val_rows = split_rows(store.num_rows, config.data.val_fraction)
+    baseline = unigram_entropy(store, val_rows)
+    print(f"validation loss {result.val_loss:.3f} nats/token (perplexity {np.exp(result.val_loss):.1f}); "
+          f"unigram entropy of the same tokens {baseline:.3f} nats/token (perplexity {np.exp(baseline):.1f})")
+    print(f"metrics: {result.metrics_path}; loss plot: {result.plot_path}")
+
+    print("\n== 4. sample (greedy, full forward per token)")
+    from model.checkpoint import restore_params
+    from train.step import build_steps
+
+    tokenizer = store_tokenizer(store)
+    steps = build_steps(config.model, config.optim, config.schedule, config.train.steps, mesh,
+                        config.train.batch_size)
+    params = restore_params(os.path.join(config.run_dir, "checkpoints"), steps.abstract_state.params)
+    prompt = tokenizer.encode(args.prompt)
+    continuation = sample_full_forward(steps.graphdef, params, prompt, args.new_tokens, config.model.max_seq_len,
+                                       stop_id=tokenizer.eos_id)
+    print(args.prompt + tokenizer.decode(continuation))
+    return 0
+
+
+def jax_devices_summary() -> str:
+    import jax
+
+    return f"{jax.device_count()} {jax.devices()[0].platform} devices"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) a run from a YAML config and key=value overrides."""
+    from train.config import load_config
+    from train.loop import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config)
+    state = "preempted" if result.preempted else "done"
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"{state}: step {result.step}, train loss {result.train_loss:.4f}{val}, skipped steps {result.skipped}; "
+          f"run directory {result.run_dir}")
     return 0
 
 
@@ -161,15 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshlm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the main job: build a preset on a mesh and run a sharded forward pass")
+    demo = sub.add_parser("demo", help="the main job: prepare the embedded corpus, train, evaluate, sample")
     demo.add_argument("--preset", default="small")
     demo.add_argument("--mesh", default="data=2,fsdp=2,tensor=2", help="AXIS=SIZE,... over data/stage/fsdp/tensor")
     demo.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (CPU platform only)")
+    demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--batch", type=int, default=8)
     demo.add_argument("--seq-len", type=int, default=256)
-    demo.add_argument("--repeats", type=int, default=3)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--run-dir", default="runs/demo")
+    demo.add_argument("--limit", type=int, default=None, help="use only the first N documents of the corpus")
+    demo.add_argument("--prompt", default=DEMO_PROMPT)
+    demo.add_argument("--new-tokens", type=int, default=48)
+    demo.add_argument("overrides", nargs="*", help="more train config overrides, SECTION.KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
+
+    train_cmd = sub.add_parser("train", help="train or resume a run: --config FILE.yaml and SECTION.KEY=VALUE")
+    train_cmd.add_argument("--config", default=None, help="a YAML run config (see configs/)")
+    train_cmd.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (CPU platform only)")
+    train_cmd.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE, e.g. optim.lr=1e-3 mesh.fsdp=-1")
+    train_cmd.set_defaults(func=cmd_train)
 
     plan = sub.add_parser("plan", help="lay out a preset on any mesh without allocating it")
     plan.add_argument("--preset", required=True)
@@ -221,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-USER_ERRORS = {"model.config.ConfigError", "model.sharding.ShardingError", "data.errors.DataError"}
+USER_ERRORS = {"model.config.ConfigError", "model.sharding.ShardingError", "data.errors.DataError",
+               "train.config.TrainConfigError", "train.loop.TrainingStopped", "model.checkpoint.CheckpointError"}
 
 
 def _is_user_error(error: Exception) -> bool:

@@ -29,10 +29,11 @@ def _batches(n=STEPS, seed=0):
     return out
 
 
-def _run(shape, microbatches=1, optim=OptimSection(), batches=None):
+def _run(shape, microbatches=1, optim=None, batches=None):
     size = int(np.prod(list(shape.values())))
     mesh = make_mesh(shape, devices=jax.devices()[:size])
-    steps = build_steps(TINY, optim, ScheduleSection(warmup_steps=2), STEPS, mesh, BATCH, microbatches)
+    steps = build_steps(TINY, optim or OptimSection(), ScheduleSection(warmup_steps=2), STEPS, mesh, BATCH,
+                        microbatches)
     state = steps.init(0)
     losses = []
     for batch in batches or _batches():

@@ -1,0 +1,101 @@
+"""The training loop as a user runs it: `meshlm train` in a fresh process, killed, preempted, resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+from data.pipeline import PrepareConfig, prepare
+from train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A small token store of the embedded corpus with a trained 512-token BPE."""
+    datasets.disable_progress_bars()
+    path = str(tmp_path_factory.mktemp("data") / "store")
+    prepare(PrepareConfig(out=path, limit=120, tokenizer="bpe:512", seq_len=32, num_proc=1), verbose=False)
+    return path
+
+
+def _train(run_dir, store, *overrides, fault=None, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if fault:
+        env["MESHLM_FAULT"] = fault
+    cmd = [sys.executable, "-m", "meshlm", "train", "model.preset=tiny", "model.vocab_size=512",
+           f"data.store={store}", f"run_dir={run_dir}",
+           "train.steps=20", "train.batch_size=8", "log.every=1", "log.eval_every=10", "log.eval_batches=2",
+           "log.progress=false", "log.plot=false", "checkpoint.every=10", "mesh.fsdp=-1", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(run_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+            if r.get("kind") == "train"}
+
+
+def test_killed_run_resumes_bit_for_bit(tmp_path, store):
+    straight = _train(tmp_path / "straight", store)
+    assert straight.returncode == 0, straight.stderr
+    killed = _train(tmp_path / "resumed", store, fault="kill_after_step:10")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # really killed, after its step-10 checkpoint
+    assert max(_losses(tmp_path / "resumed")) == 10
+    resumed = _train(tmp_path / "resumed", store)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 10" in resumed.stdout
+    expected, got = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(expected) == list(range(1, 21))
+    assert got == expected  # every one of the 20 losses, bit for bit (JSON keeps all float64 digits)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, store):
+    result = _train(tmp_path / "run", store, fault="term_at_step:4")
+    assert result.returncode == 0, result.stderr
+    assert "SIGTERM: stopped after step 4; saved checkpoint 4" in result.stdout
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "4")
+    resumed = _train(tmp_path / "run", store)
+    assert "resumed from step 4" in resumed.stdout and resumed.returncode == 0
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop", "rollback"])
+def test_non_finite_policies(tmp_path, store, policy):
+    result = _train(tmp_path / "run", store, f"train.nonfinite={policy}", "train.steps=14", "checkpoint.every=5",
+                    fault="nan_at_step:7")
+    records = read_metrics(os.path.join(tmp_path / "run", "metrics.jsonl"))
+    train = [r for r in records if r.get("kind") == "train"]
+    if policy == "skip":
+        assert result.returncode == 0, result.stderr
+        assert train[-1]["skipped"] == 1 and train[-1]["step"] == 14
+    elif policy == "stop":
+        assert result.returncode == 2
+        assert "step 7: the loss or gradient is not finite (train.nonfinite=stop)" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert "step 7: non-finite loss or gradient: rolled back to checkpoint 5" in result.stdout
+        assert train[-1]["skipped"] == 0 and train[-1]["step"] == 14
+
+
+def test_run_directory_holds_config_metrics_and_plot(tmp_path, store):
+    result = _train(tmp_path / "run", store, "train.steps=6", "log.plot=true", "log.eval_every=3")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    assert (run / "config.yaml").exists() and (run / "loss.png").stat().st_size > 1000
+    records = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    train = [r for r in records if r["kind"] == "train"]
+    assert {"step", "loss", "grad_norm", "lr", "tokens_per_s", "step_time", "mfu", "skipped"} <= set(train[0])
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6] and evals[-1]["val_perplexity"] > 1
+    assert "MFU peak: CPU float32 matmul peak measured at start-up" in result.stdout
+
+
+def test_bad_train_config_is_one_clear_line(tmp_path, store):
+    result = _train(tmp_path / "run", store, "optim.learning_rate=1")
+    assert result.returncode == 2 and "unknown key optim.'learning_rate'" in result.stderr
+    result = _train(tmp_path / "run2", store, "model.vocab_size=128")
+    assert result.returncode == 2 and "model.vocab_size is 128" in result.stderr
