@@ -98,17 +98,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"unigram entropy of the same tokens {baseline:.3f} nats/token (perplexity {np.exp(baseline):.1f})")
     print(f"metrics: {result.metrics_path}; loss plot: {result.plot_path}")
 
-    print("\n== 4. sample (greedy, full forward per token)")
-    from model.checkpoint import restore_params
-    from train.step import build_steps
+    how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, seed {args.seed}"
+    print(f"\n== 4. sample ({how}; a full forward per token until the KV-cache decode loop lands)")
+    from model.checkpoint import restore_params, restore_target
 
     tokenizer = store_tokenizer(store)
-    steps = build_steps(config.model, config.optim, config.schedule, config.train.steps, mesh,
-                        config.train.batch_size)
-    params = restore_params(os.path.join(config.run_dir, "checkpoints"), steps.abstract_state.params)
+    target, layout = restore_target(config.model, mesh)
+    params = restore_params(os.path.join(config.run_dir, "checkpoints"), target, layout=layout)
+    graphdef = nnx.split(abstract_model(config.model))[0]
     prompt = tokenizer.encode(args.prompt)
-    continuation = sample_full_forward(steps.graphdef, params, prompt, args.new_tokens, config.model.max_seq_len,
-                                       stop_id=tokenizer.eos_id)
+    continuation = sample_full_forward(graphdef, params, prompt, args.new_tokens, config.model.max_seq_len,
+                                       temperature=args.temperature, seed=args.seed, stop_id=tokenizer.eos_id)
     print(args.prompt + tokenizer.decode(continuation))
     return 0
 
@@ -206,13 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--preset", default="small")
     demo.add_argument("--mesh", default="data=2,fsdp=2,tensor=2", help="AXIS=SIZE,... over data/stage/fsdp/tensor")
     demo.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (CPU platform only)")
-    demo.add_argument("--steps", type=int, default=150)
+    demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--batch", type=int, default=8)
     demo.add_argument("--seq-len", type=int, default=256)
     demo.add_argument("--run-dir", default="runs/demo")
     demo.add_argument("--limit", type=int, default=None, help="use only the first N documents of the corpus")
     demo.add_argument("--prompt", default=DEMO_PROMPT)
     demo.add_argument("--new-tokens", type=int, default=48)
+    demo.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
+    demo.add_argument("--seed", type=int, default=0, help="sampling seed")
     demo.add_argument("overrides", nargs="*", help="more train config overrides, SECTION.KEY=VALUE")
     demo.set_defaults(func=cmd_demo)
 
