@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -190,8 +191,14 @@ def verify_checksums(tree: Any, saved: dict[str, int], item: str, paths: list[st
 # ----------------------------------------------------------------------------- reading steps
 
 
+def absolute(directory: epath.PathLike) -> epath.Path:
+    """Orbax wants absolute paths: a local relative path is taken from the working directory."""
+    path = os.fspath(directory)
+    return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def step_path(directory: epath.PathLike, step: int) -> epath.Path:
-    return epath.Path(directory) / str(step)
+    return absolute(directory) / str(step)
 
 
 def is_committed(directory: epath.PathLike, step: int) -> bool:
@@ -242,7 +249,7 @@ def restore_newest(manager: ocp.CheckpointManager, restore_step: Callable[[int],
 def reader(directory: epath.PathLike) -> ocp.CheckpointManager:
     """A CheckpointManager that only reads (safe beside a run that is writing)."""
     options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-    return ocp.CheckpointManager(epath.Path(directory), options=options)
+    return ocp.CheckpointManager(absolute(directory), options=options)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -263,7 +270,7 @@ def restore_target(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES
 def save_params(directory: epath.PathLike, step: int, params: dict, layout: dict) -> None:
     """Write a parameters-only checkpoint step (e.g. imported weights); returns when it is on disk."""
     options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False)
-    with ocp.CheckpointManager(epath.Path(directory), options=options) as manager:
+    with ocp.CheckpointManager(absolute(directory), options=options) as manager:
         manager.save(step, force=True, args=ocp.args.Composite(**{
             PARAMS: ocp.args.StandardSave(params),
             LAYOUT: ocp.args.JsonSave(layout),
