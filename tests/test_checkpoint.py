@@ -246,3 +246,14 @@ def test_restore_params_only_onto_a_given_sharding(run, tmp_path):
         restore_params(run.directory, other, layout=other_layout)
     with pytest.raises(CheckpointError, match=r"layers/attn/wq: checkpoint \(2, 64, 8, 8\), model \(3, 64, 8, 8\)"):
         restore_params(run.directory, other)  # without a layout: paths and shapes
+
+
+def test_relative_directories_work(run, tmp_path, monkeypatch):
+    """Orbax wants absolute paths; users type relative ones (the demo does)."""
+    target, layout = restore_target(TINY, make_mesh({"fsdp": 8}))
+    params = restore_params(run.directory, target, layout=layout)
+    monkeypatch.chdir(tmp_path)
+    save_params("relative/ckpt", 3, params, layout)
+    _assert_same(restore_params("relative/ckpt", target, layout=layout), run.host.params)
+    with Checkpointer("relative/run") as checkpointer:
+        assert checkpointer.restore_latest(run.steps.abstract_state, run.layout) is None
