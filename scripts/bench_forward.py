@@ -15,33 +15,8 @@ import json
 import os
 import platform
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def best_seconds(fn, repeats: int) -> float:
-    """The fastest of `repeats` timed calls (after one warm-up call)."""
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def matmul_peak(size: int, repeats: int) -> float:
-    """float32 FLOP/s of one size x size matmul on the default device."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-    matmul = jax.jit(jnp.dot)
-    return 2 * size**3 / best_seconds(lambda: matmul(a, b), repeats)
 
 
 def bench_preset(name: str, batch: int, seq_len: int, repeats: int) -> dict:
@@ -56,6 +31,8 @@ def bench_preset(name: str, batch: int, seq_len: int, repeats: int) -> dict:
     graphdef, state = nnx.split(init_model(config))
     forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
     tokens = jax.random.randint(jax.random.key(0), (batch, seq_len), 0, config.vocab_size, jnp.int32)
+    from train.metrics import best_seconds
+
     seconds = best_seconds(lambda: forward(state, tokens), repeats)
     tokens_per_s = batch * seq_len / seconds
     forward_flops = flops_per_token(config, seq_len) / 3
@@ -78,7 +55,9 @@ def main() -> int:
 
     import jax
 
-    peak = matmul_peak(args.matmul_size, args.repeats)
+    from train.metrics import measure_matmul_peak
+
+    peak = measure_matmul_peak(args.matmul_size, args.repeats)
     rows = [bench_preset(name, args.batch, args.seq_len, args.repeats) for name in args.presets.split(",")]
     for row in rows:
         row["fraction_of_matmul_peak"] = row["forward_flops_per_s"] / peak

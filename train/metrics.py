@@ -29,18 +29,23 @@ PEAK_BF16_FLOPS: list[tuple[tuple[str, ...], str, float]] = [
 ]
 
 
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed call (compilation, warm-up)."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     """float32 FLOP/s of the fastest of `repeats` size^3 matmuls on the default device."""
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
     matmul = jax.jit(jnp.dot)
-    jax.block_until_ready(matmul(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a, b))
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return 2 * size**3 / best_seconds(lambda: matmul(a, b), repeats)
 
 
 def measure_sharded_matmul_peak(devices: list[jax.Device], size: int = 1024, repeats: int = 5) -> float:
@@ -54,13 +59,7 @@ def measure_sharded_matmul_peak(devices: list[jax.Device], size: int = 1024, rep
     b = jax.device_put(jax.random.normal(jax.random.key(1), (size, size), jnp.float32),
                        NamedSharding(mesh, PartitionSpec()))
     matmul = jax.jit(jnp.dot, out_shardings=rows)
-    jax.block_until_ready(matmul(a, b))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(matmul(a, b))
-        best = min(best, time.perf_counter() - start)
-    return 2 * len(devices) * size**3 / best
+    return 2 * len(devices) * size**3 / best_seconds(lambda: matmul(a, b), repeats)
 
 
 def peak_flops(devices: list[jax.Device]) -> tuple[float, str]:
