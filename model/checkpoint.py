@@ -37,12 +37,11 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
-from model.placement import abstract_model
-from model.sharding import DEFAULT_RULES, Rules, state_shardings
+from model.placement import param_layout
+from model.sharding import DEFAULT_RULES, Rules
 
 FORMAT = "meshlm"
 FORMAT_VERSION = 1
@@ -257,14 +256,8 @@ def reader(directory: epath.PathLike) -> ocp.CheckpointManager:
 
 def restore_target(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> tuple[dict, dict]:
     """(abstract parameters carrying their shardings on `mesh`, the layout they expect): for `restore_params`."""
-    _, variables = nnx.split(abstract_model(config))
-    shardings = nnx.to_pure_dict(state_shardings(variables, mesh, rules))  # checks divisibility
-    abstract = nnx.to_pure_dict(variables)
-    logical_axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["logical_axes"], variables,
-                                                 is_leaf=lambda x: isinstance(x, nnx.Variable)))
-    target = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-                          abstract, shardings)
-    return target, layout_metadata(config, abstract, logical_axes)
+    layout = param_layout(config, mesh, rules)  # checks divisibility
+    return layout.target, layout_metadata(config, layout.abstract, layout.logical_axes)
 
 
 def save_params(directory: epath.PathLike, step: int, params: dict, layout: dict) -> None:

@@ -9,7 +9,9 @@ jitted forward pass whose input and output shardings come from the rules.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +45,30 @@ def init_on_mesh(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES, 
     shardings = state_shardings(abstract_state, mesh, rules)  # checks divisibility first
     state = jax.jit(lambda: nnx.state(new_model(config, seed)), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamLayout:
+    """A model's parameters as plain nested dicts (what `nnx.to_pure_dict` gives), laid out on a mesh."""
+
+    graphdef: Any  # merge with a params dict: nnx.merge(graphdef, params)
+    abstract: dict  # ShapeDtypeStruct per parameter
+    logical_axes: dict  # tuple of logical axis names per parameter
+    shardings: dict  # NamedSharding per parameter
+    target: dict  # ShapeDtypeStruct carrying its sharding: the target of a restore
+
+
+def param_layout(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> ParamLayout:
+    """Every parameter's shape, logical axes and sharding on `mesh`, from the abstract model (no memory);
+    checks that every sharded dimension divides by its mesh axes."""
+    graphdef, variables = nnx.split(abstract_model(config))
+    shardings = nnx.to_pure_dict(state_shardings(variables, mesh, rules))
+    abstract = nnx.to_pure_dict(variables)
+    logical_axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["logical_axes"], variables,
+                                                 is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    target = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                          abstract, shardings)
+    return ParamLayout(graphdef, abstract, logical_axes, shardings, target)
 
 
 def place_on_mesh(model: Transformer, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Transformer:

@@ -23,8 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
 from model.loss import token_losses
-from model.placement import abstract_model, new_model
-from model.sharding import DEFAULT_RULES, Rules, activation_sharding, check_divisible, named_sharding, state_shardings
+from model.placement import new_model, param_layout
+from model.sharding import DEFAULT_RULES, Rules, activation_sharding, check_divisible, named_sharding
 from train.config import OptimSection, ScheduleSection
 
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "weights")
@@ -112,11 +112,9 @@ class Steps:
 def build_steps(model: ModelConfig, optim: OptimSection, schedule: ScheduleSection, total_steps: int,
                 mesh: Mesh, batch_size: int, microbatches: int = 1, rules: Rules = DEFAULT_RULES) -> Steps:
     """Derive every sharding from the abstract model, then jit init, train and eval steps on `mesh`."""
-    graphdef, abstract_vars = nnx.split(abstract_model(model))
-    param_shardings = nnx.to_pure_dict(state_shardings(abstract_vars, mesh, rules))  # checks divisibility
-    abstract_params = nnx.to_pure_dict(abstract_vars)
-    logical_axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["logical_axes"], abstract_vars,
-                                                 is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    layout = param_layout(model, mesh, rules)  # checks divisibility
+    graphdef, abstract_params, logical_axes = layout.graphdef, layout.abstract, layout.logical_axes
+    param_shardings = layout.shardings
     check_divisible("global batch", (batch_size // microbatches, 1), ("batch", "length"), mesh, rules)
     sched = lr_schedule(optim, schedule, total_steps)
     optimizer = make_optimizer(optim, sched, logical_axes)
