@@ -1,2 +1,2 @@
-"""meshlm.data: sources, cleaning, dedup, tokenizers, packing, token store and loader.
-Imports none of model/, train/, infer/ (see DESIGN.md). Lands with the data issue."""
+"""meshlm.data: sources, cleaning, dedup, tokenizers, packing, the token store and the loader;
+`pipeline.prepare` runs them all. Imports none of model/, train/, infer/ (see DESIGN.md)."""

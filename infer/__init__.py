@@ -1,2 +1,3 @@
-"""meshlm.infer: KV cache, sampling, decode loop, speculative sampling, engine and server.
-Imports model/ and data/'s tokenizers, never train/ (see DESIGN.md). Lands with the inference issue."""
+"""meshlm.infer: generation. For now `naive.py` samples by recomputing the full forward per token;
+the KV cache, decode loop, speculative sampling, engine and server land with the inference issues.
+Imports model/ and data/'s tokenizers, never train/ (see DESIGN.md)."""
