@@ -93,7 +93,7 @@ def _nbytes(texts: list[str]) -> int:
     return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
 
 
-def _clean_batch(batch: dict, filter_config: FilterConfig) -> dict:
+def _clean_batch(batch: dict) -> dict:
     texts, reasons = [], []
     for raw in batch["raw"]:
         text, reason = clean_text(raw)
@@ -118,7 +118,7 @@ def _stage_clean(docs: datasets.Dataset, config: PrepareConfig) -> tuple[dataset
     stats = StageStats("clean", docs_in=len(docs), bytes_in=_raw_bytes(docs))
     with timed(stats):
         cleaned = docs.map(_clean_batch, batched=True, num_proc=config.workers, remove_columns=["raw"],
-                           fn_kwargs={"filter_config": config.filter}, load_from_cache_file=False, desc="clean")
+                           load_from_cache_file=False, desc="clean")
         stats.dropped = {k: v for k, v in Counter(cleaned["reason"]).items() if k}
         cleaned = cleaned.filter(_keep_batch, batched=True, load_from_cache_file=False).remove_columns("reason")
         stats.docs_out, stats.bytes_out = len(cleaned), sum(cleaned["nbytes"])
