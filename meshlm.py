@@ -15,15 +15,6 @@ import os
 import sys
 
 
-def _set_host_devices(count: int) -> None:
-    """Simulate `count` CPU devices. Must run before JAX is imported; it only
-    affects the CPU platform, so it is harmless where a GPU or TPU is used."""
-    if "jax" in sys.modules:
-        return
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={count}"])
-
-
 def _human(n: float) -> str:
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= size:
@@ -263,8 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     show.set_defaults(func=cmd_data_show)
 
     args = parser.parse_args(argv)
-    if getattr(args, "cpu_devices", None):
-        _set_host_devices(args.cpu_devices)
+    if args.command in ("demo", "train"):
+        from model.runtime import preload_allocator, set_xla_flags
+
+        if argv is None:  # the `meshlm` command itself, not a call from Python
+            preload_allocator()
+        set_xla_flags(cpu_devices=args.cpu_devices)
     try:
         return args.func(args)
     except Exception as error:

@@ -1,25 +1,34 @@
 """meshlm.model: the network (a Flax NNX Llama-family transformer) and how it is
-laid out on a device mesh. Imports nothing from train/, infer/ or data/."""
+laid out on a device mesh. Imports nothing from train/, infer/ or data/.
 
-from model.config import PRESETS, ConfigError, ModelConfig, RopeScaling, flops_per_token, get_preset, param_count
-from model.loss import cross_entropy
-from model.placement import abstract_model, init_model, init_on_mesh, place_on_mesh, sharded_forward
-from model.sharding import (
-    DEFAULT_RULES,
-    MESH_AXES,
-    ShardingError,
-    activation_sharding,
-    constrain,
-    logical_to_spec,
-    make_mesh,
-    parse_mesh,
-    state_shardings,
-)
-from model.transformer import Transformer
+The names below load on first use, so `model.runtime` (process settings made
+before JAX starts) can be imported without importing JAX.
+"""
 
-__all__ = [
-    "DEFAULT_RULES", "MESH_AXES", "PRESETS", "ConfigError", "ModelConfig", "RopeScaling", "ShardingError",
-    "Transformer", "abstract_model", "activation_sharding", "constrain", "cross_entropy", "flops_per_token",
-    "get_preset", "init_model", "init_on_mesh", "logical_to_spec", "make_mesh", "param_count", "parse_mesh",
-    "place_on_mesh", "sharded_forward", "state_shardings",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "model.config": ("PRESETS", "ConfigError", "ModelConfig", "RopeScaling", "flops_per_token", "get_preset",
+                     "param_count"),
+    "model.loss": ("cross_entropy",),
+    "model.placement": ("abstract_model", "init_model", "init_on_mesh", "place_on_mesh", "sharded_forward"),
+    "model.sharding": ("DEFAULT_RULES", "MESH_AXES", "ShardingError", "activation_sharding", "constrain",
+                       "logical_to_spec", "make_mesh", "parse_mesh", "state_shardings"),
+    "model.transformer": ("Transformer",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

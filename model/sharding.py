@@ -30,6 +30,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     # activations
     "batch": ("data", "fsdp"),
     "length": None,
+    "cache_length": None,  # KV-cache slots (model/cache.py)
     "act_embed": None,  # the residual stream is replicated across fsdp and tensor
     # parameters (heads, kv_heads, head_dim, mlp, vocab also name activation dimensions)
     "embed": "fsdp",  # ZeRO-3: parameters and optimiser state split over fsdp

@@ -10,11 +10,13 @@ activations are pinned with `constrain`, so the same code runs on any mesh
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model.cache import KVCache
 from model.config import ModelConfig
 from model.sharding import constrain
 
@@ -82,14 +84,39 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return causal[None] & same_doc
 
 
-def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def causal_blocks(length: int) -> int:
+    """How many query blocks causal self-attention over `length` tokens is split into: blocks of
+    at least 64 queries, at most 8 blocks, and a count that divides `length`."""
+    blocks = max(1, min(8, length // 64))
+    while length % blocks:
+        blocks -= 1
+    return blocks
+
+
+def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                            causal: bool = False) -> jax.Array:
     """softmax(q k^T / sqrt(d)) v with n_heads / n_kv_heads query heads per key/value head.
 
     q [batch, length, heads, head_dim]; k, v [batch, kv_length, kv_heads, head_dim];
-    mask [batch, length, kv_length]. JAX's implementation: scores and softmax in float32, and
-    cuDNN's fused kernel where one applies.
+    mask [batch, length, kv_length], True where a query may see a key. Scores and softmax
+    are float32. `causal`: the mask never lets query i see key j > i (self-attention over
+    the same positions), so the queries are split into blocks and block i only meets the
+    keys up to its end -- the upper-triangle blocks, all masked, are never computed.
     """
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=q.shape[-1] ** -0.5)
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)  # [batch, length, kv_heads, group, head_dim]
+    blocks = causal_blocks(length) if causal and length == k.shape[1] else 1
+    size = length // blocks
+    outs = []
+    for i in range(blocks):  # a static loop: at most 8 blocks
+        queries, seen = slice(i * size, (i + 1) * size), slice(0, (i + 1) * size if blocks > 1 else k.shape[1])
+        scores = jnp.einsum("btkgd,bskd->bktgs", q[:, queries], k[:, seen], preferred_element_type=F32)
+        scores = jnp.where(mask[:, None, queries, None, seen], scores * head_dim**-0.5, jnp.finfo(F32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, kv_heads, length, group, kv_length]
+        outs.append(jnp.einsum("bktgs,bskd->btkgd", probs, v[:, seen]))
+    out = outs[0] if blocks == 1 else jnp.concatenate(outs, axis=1)
+    return out.reshape(batch, length, heads, head_dim)
 
 
 class Attention(nnx.Module):
@@ -102,8 +129,14 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"))
         self.wo = _param(rngs, config, (h, hd, d), ("heads", "head_dim", "embed"))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x.astype(self.dtype)  # [batch, length, act_embed]
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        """x [batch, length, act_embed] -> (out [batch, length, act_embed], cache).
+
+        Without a cache: causal self-attention among the `length` tokens (mask [batch, length, length]).
+        With one: this layer's keys and values are written at the rows' slots first, and the queries
+        attend over the whole cache (mask [batch, length, cache_length])."""
+        x = x.astype(self.dtype)
         q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(self.dtype))
         k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(self.dtype))
         v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(self.dtype))
@@ -111,9 +144,29 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        out = grouped_query_attention(q, k, v, mask)  # [batch, length, heads, head_dim]
+        if cache is None:
+            out = grouped_query_attention(q, k, v, mask, causal=True)  # [batch, length, heads, head_dim]
+        else:
+            cache = cache.write(k, v)
+            out = grouped_query_attention(q, *cache.keys_values(), mask)
         out = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(self.dtype))
-        return constrain(out, ("batch", "length", "act_embed"))
+        return constrain(out, ("batch", "length", "act_embed")), cache
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's view of a KVCache inside the layer scan: the whole cache, which layer, where rows write."""
+
+    cache: KVCache
+    layer: jax.Array  # int32 []
+    starts: jax.Array  # int32 [batch]: the slot of each row's first new token
+
+    def write(self, k: jax.Array, v: jax.Array) -> LayerCache:
+        return self.replace(cache=self.cache.write(self.layer, k, v, self.starts))
+
+    def keys_values(self) -> tuple[jax.Array, jax.Array]:
+        cache_axes = ("batch", "cache_length", "kv_heads", "head_dim")
+        return constrain(self.cache.k[self.layer], cache_axes), constrain(self.cache.v[self.layer], cache_axes)
 
 
 class MLP(nnx.Module):
@@ -142,9 +195,11 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), positions, mask)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                 cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+        attended, cache = self.attn(self.attn_norm(x), positions, mask, cache)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -183,30 +238,57 @@ class Transformer(nnx.Module):
         segment_ids: document ids of packed rows; a token attends only to earlier
         tokens with the same id (default: one document per row).
         """
-        config, dtype = self.config, self.config.compute_jnp_dtype
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        mask = attention_mask(segment_ids)
+        x, _ = self._layers(self.embed(tokens), positions, attention_mask(segment_ids))
+        return self.logits(x)
 
+    def with_cache(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run new tokens against a KV cache: (hidden states [batch, length, act_embed], updated cache).
+
+        tokens, positions [batch, length]: row b's tokens sit at slots positions[b] (consecutive,
+        starting at positions[b, 0]); their keys and values are written there, and each token sees
+        the cache slots up to its own position. Apply `logits` to the hidden states you need.
+        """
+        slots = jnp.arange(cache.length)
+        mask = slots[None, None, :] <= positions[:, :, None]  # [batch, length, cache_length]
+        return self._layers(self.embed(tokens), positions, mask, cache)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens [batch, length] -> [batch, length, act_embed] in the compute dtype."""
         # ZeRO-3: gather the table's `embed` shards, keep `vocab` split for the lookup.
         table = constrain(self.embedding[...], ("vocab", "act_embed"))
-        x = jnp.take(table, tokens, axis=0).astype(dtype)
-        x = constrain(x, ("batch", "length", "act_embed"))
+        x = jnp.take(table, tokens, axis=0).astype(self.config.compute_jnp_dtype)
+        return constrain(x, ("batch", "length", "act_embed"))
 
-        graphdef, stacked = nnx.split(self.layers)
-
-        def layer(x, params):
-            return nnx.merge(graphdef, params)(x, positions, mask), None
-
-        if config.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICY[config.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(layer, x, stacked)
-
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head: [batch, length, act_embed] -> float32 logits [batch, length, vocab]."""
+        dtype = self.config.compute_jnp_dtype
         x = self.final_norm(x)
-        if config.tie_embeddings:
+        if self.config.tie_embeddings:
             logits = jnp.einsum("bld,vd->blv", x, self.embedding[...].astype(dtype), preferred_element_type=F32)
         else:
             logits = jnp.einsum("bld,dv->blv", x, self.lm_head[...].astype(dtype), preferred_element_type=F32)
         return constrain(logits, ("batch", "length", "vocab"))
+
+    def _layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
+                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The stacked blocks, run by lax.scan (the cache, when there is one, rides in the carry)."""
+        config = self.config
+        graphdef, stacked = nnx.split(self.layers)
+        starts = None if cache is None else positions[:, 0].astype(jnp.int32)
+
+        def layer(carry, scanned):
+            x, cache = carry
+            params, index = scanned
+            view = None if cache is None else LayerCache(cache, index, starts)
+            x, view = nnx.merge(graphdef, params)(x, positions, mask, view)
+            return (x, None if view is None else view.cache), None
+
+        if config.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICY[config.remat], prevent_cse=False)
+        (x, cache), _ = jax.lax.scan(layer, (x, cache), (stacked, jnp.arange(config.n_layers)),
+                                     unroll=min(config.scan_unroll, config.n_layers))
+        return x, cache

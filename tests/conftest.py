@@ -2,9 +2,9 @@
 
 import os
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+from model.runtime import set_xla_flags
+
+set_xla_flags(cpu_devices=8)  # and the XLA:CPU flags the CLI uses, so tests run what users run
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -258,3 +258,23 @@ def test_explicit_head_dim(head_dim):
     b, t = 2, 12
     positions = np.broadcast_to(2 * np.arange(t) + 3, (b, t))  # stride 2: differences matter
     _compare(m, w, cfg, _tokens(cfg, b, t, seed=7), positions)
+
+
+@pytest.mark.parametrize("length", [128, 192])
+def test_causal_blocks_over_long_packed_rows(length):
+    """Rows long enough that attention skips the blocks above the diagonal (2 and 3 query blocks),
+    with documents that straddle block boundaries."""
+    from model.transformer import causal_blocks
+
+    cfg = get_preset("tiny").replace(max_seq_len=256)
+    assert causal_blocks(length) == length // 64
+    m, w = _model_with_random_weights(cfg, seed=5)
+    tokens = _tokens(cfg, 2, length, seed=6)
+    cuts = [[0, 50, 100, length], [0, 70, length - 5, length]]  # document boundaries per row
+    segment_ids = np.zeros((2, length), np.int32)
+    positions = np.zeros((2, length), np.int32)
+    for row, bounds in enumerate(cuts):
+        for doc, (start, end) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            segment_ids[row, start:end] = doc + 1
+            positions[row, start:end] = np.arange(end - start)
+    _compare(m, w, cfg, tokens, positions, segment_ids)
