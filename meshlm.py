@@ -52,7 +52,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from data.loader import split_rows
     from data.pipeline import PrepareConfig, prepare, store_tokenizer
     from data.store import open_store
-    from infer.naive import sample_full_forward
     from model import get_preset, make_mesh, parse_mesh
     from model.placement import abstract_model
     from model.sharding import DEFAULT_RULES, describe_layout
@@ -90,17 +89,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"metrics: {result.metrics_path}; loss plot: {result.plot_path}")
 
     how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, seed {args.seed}"
-    print(f"\n== 4. sample ({how}; a full forward per token until the KV-cache decode loop lands)")
-    from model.checkpoint import restore_params, restore_target
+    print(f"\n== 4. sample ({how}; the KV-cache decode loop, as `meshlm generate --checkpoint {config.run_dir}`)")
+    from infer.decode import Decoder
+    from infer.generate import generate, load_checkpoint
+    from infer.sampling import SamplingParams
 
     tokenizer = store_tokenizer(store)
-    target, layout = restore_target(config.model, mesh)
-    params = restore_params(os.path.join(config.run_dir, "checkpoints"), target, layout=layout)
-    graphdef = nnx.split(abstract_model(config.model))[0]
-    prompt = tokenizer.encode(args.prompt)
-    continuation = sample_full_forward(graphdef, params, prompt, args.new_tokens, config.model.max_seq_len,
-                                       temperature=args.temperature, seed=args.seed, stop_id=tokenizer.eos_id)
-    print(args.prompt + tokenizer.decode(continuation))
+    model_config, graphdef, params = load_checkpoint(config.run_dir)
+    decoder = Decoder(model_config, graphdef, params)
+    [result] = generate(decoder, [args.prompt], tokenizer, SamplingParams(
+        max_new_tokens=args.new_tokens, temperature=args.temperature, seed=args.seed,
+        stop_token_ids=(tokenizer.eos_id,)))
+    print(args.prompt + result.text)
     return 0
 
 
@@ -108,6 +108,56 @@ def jax_devices_summary() -> str:
     import jax
 
     return f"{jax.device_count()} {jax.devices()[0].platform} devices"
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue a prompt with a trained checkpoint; the text goes to stdout, everything else to stderr."""
+    import time
+
+    from infer.decode import Decoder
+    from infer.generate import generate, load_checkpoint, run_tokenizer, stream_text
+    from infer.sampling import SamplingParams
+    from model import make_mesh, parse_mesh
+
+    mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+    config, graphdef, params = load_checkpoint(args.checkpoint, mesh=mesh)
+    decoder = Decoder(config, graphdef, params, mesh=mesh)
+    if args.tokenizer:
+        from data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        tokenizer = run_tokenizer(args.checkpoint)
+    stop_ids = () if args.ignore_eos else (tokenizer.eos_id,)
+    sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+                              stop_token_ids=stop_ids)
+    draft = None
+    if args.draft:
+        draft_config, draft_graphdef, draft_params = load_checkpoint(args.draft, mesh=mesh)
+        draft = Decoder(draft_config, draft_graphdef, draft_params, mesh=mesh)
+    print(f"meshlm generate: {config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size} "
+          f"from {args.checkpoint}" + (f"; draft {args.draft}, {args.draft_tokens} tokens per round" if draft else ""),
+          file=sys.stderr)
+    start = time.perf_counter()
+    if args.stream and draft is None:
+        count = 0
+        for piece in stream_text(decoder, args.prompt, tokenizer, sampling, chunk=args.stream_chunk,
+                                 truncate=args.truncate):
+            print(piece, end="", flush=True)
+            count += 1
+        print()
+        print(f"meshlm generate: streamed in {count} pieces, {time.perf_counter() - start:.2f} s", file=sys.stderr)
+        return 0
+    stats: list = []
+    [result] = generate(decoder, [args.prompt], tokenizer, sampling, draft=draft, draft_tokens=args.draft_tokens,
+                        truncate=args.truncate, stats=stats)
+    print(result.text)
+    elapsed = time.perf_counter() - start
+    extra = f"; draft acceptance {stats[0].acceptance_rate:.0%}" if stats else ""
+    print(f"meshlm generate: {len(result.token_ids)} tokens ({result.finish_reason}) in {elapsed:.2f} s{extra}",
+          file=sys.stderr)
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -215,6 +265,28 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE, e.g. optim.lr=1e-3 mesh.fsdp=-1")
     train_cmd.set_defaults(func=cmd_train)
 
+    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (KV-cache decode loop)")
+    gen.add_argument("--checkpoint", required=True, help="a run directory (e.g. runs/demo/train) or its checkpoints/")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0: off")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); not printed")
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
+    gen.add_argument("--draft", default=None, help="a smaller model's checkpoint: speculative sampling")
+    gen.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    gen.add_argument("--stream-chunk", type=int, default=4, help="decode steps per streamed piece")
+    gen.add_argument("--truncate", action="store_true", help="keep the prompt's last tokens if it is too long")
+    gen.add_argument("--tokenizer", default=None, help="cl100k_base, o200k_base or a .tiktoken file "
+                     "(default: the run's data store's tokenizer)")
+    gen.add_argument("--mesh", default=None, help="AXIS=SIZE,... to decode on a mesh (default: one device)")
+    gen.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (CPU platform only)")
+    gen.set_defaults(func=cmd_generate)
+
     plan = sub.add_parser("plan", help="lay out a preset on any mesh without allocating it")
     plan.add_argument("--preset", required=True)
     plan.add_argument("--mesh", required=True, help="AXIS=SIZE,... over data/stage/fsdp/tensor; one may be -1")
@@ -254,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     show.set_defaults(func=cmd_data_show)
 
     args = parser.parse_args(argv)
-    if args.command in ("demo", "train"):
+    if args.command in ("demo", "train", "generate"):
         from model.runtime import preload_allocator, set_xla_flags
 
         if argv is None:  # the `meshlm` command itself, not a call from Python
@@ -270,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 USER_ERRORS = {"model.config.ConfigError", "model.sharding.ShardingError", "data.errors.DataError",
-               "train.config.TrainConfigError", "train.loop.TrainingStopped", "model.checkpoint.CheckpointError"}
+               "train.config.TrainConfigError", "train.loop.TrainingStopped", "model.checkpoint.CheckpointError",
+               "infer.sampling.InferenceError"}
 
 
 def _is_user_error(error: Exception) -> bool:

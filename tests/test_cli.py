@@ -30,6 +30,20 @@ def test_demo_prepares_trains_evaluates_and_samples(tmp_path):
                 "--new-tokens", "8", "log.progress=false")
     assert again.returncode == 0 and "(already prepared)" in again.stdout and "resumed from step 6" in again.stdout
 
+    # `meshlm generate` on the run: the text on stdout, the rest on stderr; streamed, plain and speculative
+    # greedy text agree
+    run_dir = str(tmp_path / "demo" / "train")
+    common = ["--checkpoint", run_dir, "--prompt", "import os\n", "--max-tokens", "12", "--temperature", "0",
+              "--ignore-eos"]
+    plain, streamed = run("generate", *common), run("generate", *common, "--stream", "--stream-chunk", "5")
+    drafted = run("generate", *common, "--draft", run_dir, "--draft-tokens", "3")
+    for result in (plain, streamed, drafted):
+        assert result.returncode == 0, result.stderr
+    assert plain.stdout == streamed.stdout == drafted.stdout and len(plain.stdout) > 1  # (spaces, after 6 steps)
+    assert "12 tokens (length)" in plain.stderr and "draft acceptance 100%" in drafted.stderr
+    bad = run("generate", *common, "--top-p", "0")
+    assert bad.returncode == 2 and "top_p must be a number in (0, 1], got 0.0" in bad.stderr
+
 
 def test_plan_lays_out_70b_without_allocating_it():
     result = run("plan", "--preset", "llama3-70b", "--mesh", "fsdp=-1,tensor=8", "--devices", "256")

@@ -1,0 +1,159 @@
+"""Generation from text: load a trained checkpoint, encode prompts, decode, cut at stop strings, stream.
+
+    config, graphdef, params = load_checkpoint("runs/demo/train")
+    decoder = Decoder(config, graphdef, params)
+    tokenizer = run_tokenizer("runs/demo/train")
+    [result] = generate(decoder, ["def fib(n):"], tokenizer, SamplingParams(max_new_tokens=40, temperature=0.7))
+    for piece in stream_text(decoder, "def fib(n):", tokenizer, SamplingParams(max_new_tokens=40)):
+        print(piece, end="", flush=True)
+
+`draft=` (a Decoder of a smaller model with the same tokenizer) turns on speculative sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import yaml
+from flax import nnx
+from jax.sharding import Mesh
+
+from infer.decode import Decoder, Generation, _per_prompt
+from infer.sampling import InferenceError, SamplingParams
+from model.checkpoint import CheckpointError, read_layout, reader, restore_params, restore_target
+from model.config import ModelConfig
+from model.placement import abstract_model
+
+
+def checkpoint_dir(path: str) -> str:
+    """A run directory (holding checkpoints/) or a checkpoints directory -> the checkpoints directory."""
+    inner = os.path.join(path, "checkpoints")
+    return inner if os.path.isdir(inner) else path
+
+
+def checkpoint_config(path: str, step: int | None = None) -> ModelConfig:
+    """The ModelConfig stored in a checkpoint's layout metadata (newest step unless `step`)."""
+    directory = checkpoint_dir(path)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoint directory at {path!r}; give a run directory or its checkpoints/")
+    with reader(directory) as manager:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {directory}")
+        layout = read_layout(manager, step if step is not None else steps[-1])
+    fields = dict(layout["model_config"])
+    return ModelConfig(**fields)
+
+
+def load_checkpoint(path: str, mesh: Mesh | None = None, step: int | None = None,
+                    **changes: Any) -> tuple[ModelConfig, Any, dict]:
+    """(config, graphdef, params) from a training or converted checkpoint, parameters placed shard by
+    shard on `mesh` (default: a one-device mesh). `changes`: ModelConfig fields that only change how
+    the parameters are used (e.g. compute_dtype)."""
+    import jax
+
+    from model.sharding import make_mesh
+
+    config = checkpoint_config(path, step).replace(**changes)
+    mesh = mesh if mesh is not None else make_mesh({"data": 1}, devices=jax.devices()[:1])
+    target, layout = restore_target(config, mesh)
+    params = restore_params(checkpoint_dir(path), target, step=step, layout=layout)
+    graphdef = nnx.split(abstract_model(config))[0]
+    return config, graphdef, params
+
+
+def run_tokenizer(path: str):
+    """The tokenizer of a training run: the one its data store was written with (config.yaml's data.store)."""
+    from data.pipeline import store_tokenizer
+
+    config_file = os.path.join(path, "config.yaml")
+    if not os.path.exists(config_file):
+        raise InferenceError(f"no config.yaml in {path!r}: pass the run directory, or --tokenizer NAME_OR_FILE")
+    with open(config_file) as f:
+        store = (yaml.safe_load(f) or {}).get("data", {}).get("store")
+    if not store:
+        raise InferenceError(f"{config_file} names no data.store; pass --tokenizer NAME_OR_FILE")
+    return store_tokenizer(store)
+
+
+def _encode(prompts: Sequence[str | Sequence[int]], tokenizer) -> list[list[int]]:
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise InferenceError(f"prompt {i} is text but no tokenizer was given")
+            encoded.append(tokenizer.encode(prompt))
+        else:
+            encoded.append([int(t) for t in prompt])
+    return encoded
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Text before the first stop string (and whether one was found)."""
+    cut = min((text.find(s) for s in stops if s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate(decoder: Decoder, prompts: Sequence[str | Sequence[int]], tokenizer=None,
+             params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), draft: Decoder | None = None,
+             draft_tokens: int = 4, truncate: bool = False, stats: list | None = None) -> list[Generation]:
+    """Continue each prompt (text or token ids); text results when a tokenizer is given, cut before the
+    first stop string. With `draft`, speculative sampling proposes `draft_tokens` tokens per round
+    (`stats`, when a list, receives its SpeculativeStats)."""
+    ids = _encode(prompts, tokenizer)
+    params = _per_prompt(params, len(ids))
+    if draft is not None:
+        from infer.speculative import speculative_generate
+
+        results = speculative_generate(decoder, draft, ids, params, k=draft_tokens, truncate=truncate, stats=stats)
+    else:
+        results = decoder.generate_ids(ids, params, truncate=truncate)
+    if tokenizer is not None:
+        for result, p in zip(results, params, strict=True):
+            result.text, stopped = _cut_at_stop(tokenizer.decode(result.token_ids), p.stop)
+            if stopped:
+                result.finish_reason = "stop"
+                keep = _tokens_for_text(result.token_ids, result.text, tokenizer)
+                result.token_ids, result.logprobs = result.token_ids[:keep], result.logprobs[:keep]
+                result.top_logprobs = result.top_logprobs[:keep]
+    return results
+
+
+def _tokens_for_text(ids: list[int], text: str, tokenizer) -> int:
+    """The most leading tokens whose text is a prefix of `text` (the text before a stop string)."""
+    keep = 0
+    for n in range(1, len(ids) + 1):
+        if not text.startswith(tokenizer.decode(ids[:n])):
+            break
+        keep = n
+    return keep
+
+
+def stream_text(decoder: Decoder, prompt: str | Sequence[int], tokenizer, params: SamplingParams = SamplingParams(),
+                chunk: int = 4, truncate: bool = False) -> Iterator[str]:
+    """Yield the continuation's text as it is generated, `chunk` tokens per decode call. Text that could
+    be the start of a stop string (and a partly decoded character) is held back until it is known not
+    to be; generation stops at a stop string, which is not yielded."""
+    ids: list[int] = []
+    sent = 0
+    hold = max((len(s) for s in params.stop), default=1) - 1
+    for [new] in decoder.stream_ids(_encode([prompt], tokenizer), [params], chunk=chunk, truncate=truncate):
+        ids += new
+        text, stopped = _cut_at_stop(tokenizer.decode(ids), params.stop)
+        limit = len(text) if stopped else min(len(text) - hold, len(text.rstrip("\ufffd")))
+        if limit > sent:
+            yield text[sent:limit]
+            sent = limit
+        if stopped:
+            return
+    text, _ = _cut_at_stop(tokenizer.decode(ids), params.stop)
+    if len(text) > sent:
+        yield text[sent:]
+
+
+def result_json(result: Generation) -> str:
+    return json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                       "logprobs": result.logprobs})
