@@ -119,6 +119,7 @@ class Decoder:
             model = nnx.merge(self.graphdef, params)
             out_length = state.tokens.shape[1]
             end = state.step + steps
+            head = model.head()  # once per call, not per step
 
             def cond(s: DecodeState):
                 return (s.step < end) & ~jnp.all(s.done)
@@ -140,7 +141,7 @@ class Decoder:
                 stopped = jnp.any(token[:, None] == s.stop_ids, axis=-1)
                 done = s.done | (active & (stopped | (generated >= s.max_new)))
                 hidden, cache = model.with_cache(token[:, None], s.lengths[:, None], s.cache)
-                return s.replace(cache=cache, logits=model.logits(hidden)[:, 0], lengths=s.lengths + active,
+                return s.replace(cache=cache, logits=model.logits(hidden, head)[:, 0], lengths=s.lengths + active,
                                  generated=generated, done=done, step=s.step + 1)
 
             return jax.lax.while_loop(cond, body, state)

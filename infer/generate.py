@@ -27,6 +27,8 @@ from model.checkpoint import CheckpointError, read_layout, reader, restore_param
 from model.config import ModelConfig
 from model.placement import abstract_model
 
+DEFAULT_SAMPLING = SamplingParams()
+
 
 def checkpoint_dir(path: str) -> str:
     """A run directory (holding checkpoints/) or a checkpoints directory -> the checkpoints directory."""
@@ -98,7 +100,7 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 
 def generate(decoder: Decoder, prompts: Sequence[str | Sequence[int]], tokenizer=None,
-             params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), draft: Decoder | None = None,
+             params: SamplingParams | Sequence[SamplingParams] = DEFAULT_SAMPLING, draft: Decoder | None = None,
              draft_tokens: int = 4, truncate: bool = False, stats: list | None = None) -> list[Generation]:
     """Continue each prompt (text or token ids); text results when a tokenizer is given, cut before the
     first stop string. With `draft`, speculative sampling proposes `draft_tokens` tokens per round
@@ -132,7 +134,7 @@ def _tokens_for_text(ids: list[int], text: str, tokenizer) -> int:
     return keep
 
 
-def stream_text(decoder: Decoder, prompt: str | Sequence[int], tokenizer, params: SamplingParams = SamplingParams(),
+def stream_text(decoder: Decoder, prompt: str | Sequence[int], tokenizer, params: SamplingParams = DEFAULT_SAMPLING,
                 chunk: int = 4, truncate: bool = False) -> Iterator[str]:
     """Yield the continuation's text as it is generated, `chunk` tokens per decode call. Text that could
     be the start of a stop string (and a partly decoded character) is held back until it is known not

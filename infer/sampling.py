@@ -100,23 +100,38 @@ def processed_logprobs(logits: jax.Array, rows: RowSampling) -> jax.Array:
     vocab = logits.shape[-1]
     greedy = rows.temperature <= 0
     scaled = logits / jnp.where(greedy, 1.0, rows.temperature)[:, None]
-    descending = -jnp.sort(-scaled, axis=-1)
-    # top-k: keep the k largest (ties at the k-th value kept too)
-    k = jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, vocab), vocab)
-    kth = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
-    descending = jnp.where(descending >= kth, descending, -jnp.inf)
-    # top-p: keep the smallest prefix (in descending order) whose mass reaches top_p
-    probs = jax.nn.softmax(descending, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < rows.top_p[:, None]
-    last_kept = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+    top = jnp.max(scaled, axis=-1, keepdims=True)
     # min-p: p >= min_p * p_max, i.e. logit >= max + log(min_p)
-    floor = descending[:, :1] + jnp.log(jnp.maximum(rows.min_p, 1e-30))[:, None]
-    threshold = jnp.maximum(jnp.maximum(kth, last_kept), jnp.where(rows.min_p[:, None] > 0, floor, -jnp.inf))
-    filtered = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    floor = jnp.where(rows.min_p[:, None] > 0, top + jnp.log(jnp.maximum(rows.min_p, 1e-30))[:, None], -jnp.inf)
+
+    def sorted_threshold(scaled):
+        """The smallest logit top-k and top-p keep, per row (a sort over the vocabulary)."""
+        descending = -jnp.sort(-scaled, axis=-1)
+        # top-k: keep the k largest (ties at the k-th value kept too)
+        k = jnp.where(rows.top_k > 0, jnp.minimum(rows.top_k, vocab), vocab)
+        kth = jnp.take_along_axis(descending, (k - 1)[:, None], axis=-1)
+        descending = jnp.where(descending >= kth, descending, -jnp.inf)
+        # top-p: keep the smallest prefix (in descending order) whose mass reaches top_p
+        probs = jax.nn.softmax(descending, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        last_kept = jnp.min(jnp.where(mass_before < rows.top_p[:, None], descending, jnp.inf), axis=-1, keepdims=True)
+        return jnp.maximum(kth, last_kept)
+
+    # the sort only runs when some sampled row asks for top-k or top-p
+    needs_sort = jnp.any(~greedy & ((rows.top_k > 0) | (rows.top_p < 1)))
+    threshold = jax.lax.cond(needs_sort, sorted_threshold, lambda x: jnp.full_like(top, -jnp.inf), scaled)
+    filtered = jnp.where(scaled >= jnp.maximum(threshold, floor), scaled, -jnp.inf)
     sampled = jax.nn.log_softmax(filtered, axis=-1)
-    one_hot = jnp.where(jnp.arange(vocab)[None] == jnp.argmax(logits, axis=-1)[:, None], 0.0, -jnp.inf)
+    one_hot = jnp.where(jnp.arange(vocab)[None] == argmax(logits)[:, None], 0.0, -jnp.inf)
     return jnp.where(greedy[:, None], one_hot, sampled)
+
+
+def argmax(x: jax.Array) -> jax.Array:
+    """argmax over the last axis (the first index of the maximum) as two plain reductions: XLA:CPU's
+    fused value-and-index reduction is ~20x slower over a vocabulary."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
 
 
 def row_keys(rows: RowSampling, counter: jax.Array) -> jax.Array:
@@ -125,5 +140,11 @@ def row_keys(rows: RowSampling, counter: jax.Array) -> jax.Array:
 
 
 def sample(logprobs: jax.Array, keys: jax.Array) -> jax.Array:
-    """One token per row from log-probabilities [batch, vocab] with per-row keys."""
-    return jax.vmap(lambda k, lp: jax.random.categorical(k, lp))(keys, logprobs).astype(jnp.int32)
+    """One token per row from log-probabilities [batch, vocab] with per-row keys. When every row is
+    greedy (one-hot), the argmax is the draw and no random numbers are made."""
+
+    def draw(logprobs):
+        return jax.vmap(lambda k, lp: jax.random.categorical(k, lp))(keys, logprobs).astype(jnp.int32)
+
+    one_hot = jnp.all(jnp.sum(jnp.isfinite(logprobs), axis=-1) == 1)
+    return jax.lax.cond(one_hot, lambda lp: argmax(lp).astype(jnp.int32), draw, logprobs)

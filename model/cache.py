@@ -37,13 +37,6 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def write(self, layer: jax.Array, k: jax.Array, v: jax.Array, starts: jax.Array) -> KVCache:
-        """Write k, v [batch, length, kv_heads, head_dim] of `layer` at slots starts[b] + 0..length-1."""
-        rows = jnp.arange(k.shape[0])[:, None]
-        slots = starts[:, None] + jnp.arange(k.shape[1])[None, :]  # [batch, length]
-        return KVCache(k=self.k.at[layer, rows, slots].set(k.astype(self.k.dtype), mode="drop"),
-                       v=self.v.at[layer, rows, slots].set(v.astype(self.v.dtype), mode="drop"))
-
 
 def cache_shape(config: ModelConfig, batch: int, length: int) -> tuple[int, ...]:
     return (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)

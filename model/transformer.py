@@ -155,18 +155,21 @@ class Attention(nnx.Module):
 
 @flax.struct.dataclass
 class LayerCache:
-    """One layer's view of a KVCache inside the layer scan: the whole cache, which layer, where rows write."""
+    """One layer's slice of a KVCache inside the layer scan, and where each row writes."""
 
-    cache: KVCache
-    layer: jax.Array  # int32 []
+    k: jax.Array  # [batch, cache_length, kv_heads, head_dim]
+    v: jax.Array
     starts: jax.Array  # int32 [batch]: the slot of each row's first new token
 
     def write(self, k: jax.Array, v: jax.Array) -> LayerCache:
-        return self.replace(cache=self.cache.write(self.layer, k, v, self.starts))
+        def put(cache, new, start):  # one row: new [length, kv_heads, head_dim] at slot `start`
+            return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (start, 0, 0))
+
+        return self.replace(k=jax.vmap(put)(self.k, k, self.starts), v=jax.vmap(put)(self.v, v, self.starts))
 
     def keys_values(self) -> tuple[jax.Array, jax.Array]:
         cache_axes = ("batch", "cache_length", "kv_heads", "head_dim")
-        return constrain(self.cache.k[self.layer], cache_axes), constrain(self.cache.v[self.layer], cache_axes)
+        return constrain(self.k, cache_axes), constrain(self.v, cache_axes)
 
 
 class MLP(nnx.Module):
@@ -263,11 +266,20 @@ class Transformer(nnx.Module):
         x = jnp.take(table, tokens, axis=0).astype(self.config.compute_jnp_dtype)
         return constrain(x, ("batch", "length", "act_embed"))
 
-    def logits(self, x: jax.Array) -> jax.Array:
+    def head(self) -> jax.Array:
+        """The LM head as [embed, vocab] in the compute dtype (the transposed table when tied): a decode
+        loop makes it once, outside the loop, instead of relaying the table out every step."""
+        dtype = self.config.compute_jnp_dtype
+        table = self.embedding[...].T if self.config.tie_embeddings else self.lm_head[...]
+        return table.astype(dtype)
+
+    def logits(self, x: jax.Array, head: jax.Array | None = None) -> jax.Array:
         """Final norm and LM head: [batch, length, act_embed] -> float32 logits [batch, length, vocab]."""
         dtype = self.config.compute_jnp_dtype
         x = self.final_norm(x)
-        if self.config.tie_embeddings:
+        if head is not None:
+            logits = jnp.einsum("bld,dv->blv", x, head, preferred_element_type=F32)
+        elif self.config.tie_embeddings:
             logits = jnp.einsum("bld,vd->blv", x, self.embedding[...].astype(dtype), preferred_element_type=F32)
         else:
             logits = jnp.einsum("bld,dv->blv", x, self.lm_head[...].astype(dtype), preferred_element_type=F32)
@@ -280,15 +292,15 @@ class Transformer(nnx.Module):
         graphdef, stacked = nnx.split(self.layers)
         starts = None if cache is None else positions[:, 0].astype(jnp.int32)
 
-        def layer(carry, scanned):
-            x, cache = carry
-            params, index = scanned
-            view = None if cache is None else LayerCache(cache, index, starts)
+        def layer(x, scanned):
+            params, layer_cache = scanned
+            view = None if layer_cache is None else LayerCache(*layer_cache, starts)
             x, view = nnx.merge(graphdef, params)(x, positions, mask, view)
-            return (x, None if view is None else view.cache), None
+            return x, None if view is None else (view.k, view.v)
 
         if config.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICY[config.remat], prevent_cse=False)
-        (x, cache), _ = jax.lax.scan(layer, (x, cache), (stacked, jnp.arange(config.n_layers)),
-                                     unroll=min(config.scan_unroll, config.n_layers))
-        return x, cache
+        # each layer reads and writes its own slice of the cache (scanned in and out)
+        x, new = jax.lax.scan(layer, x, (stacked, None if cache is None else (cache.k, cache.v)),
+                              unroll=min(config.scan_unroll, config.n_layers))
+        return x, None if cache is None else KVCache(*new)

@@ -1,0 +1,204 @@
+"""Inference speed: prefill tokens/s, decode tokens/s at several batch sizes, KV-cache bytes and
+speculative sampling, for one preset (random weights until real ones can be imported), and the same
+shapes in Hugging Face transformers (torch, CPU) in the same run when it is installed.
+
+    python scripts/bench_decode.py [--preset smollm2-135m] [--prompt-len 128] [--new-tokens 32]
+        [--batches 1,8,32,64] [--prefill-len 512] [--draft-layers 2] [--no-transformers] [--out bench_decode.json]
+
+Memory-bandwidth bound for batch-1 decode: every step reads all weights once, so tokens/s <= bandwidth /
+weight bytes; the bandwidth is measured in the same run (the best of a few reductions over 1 GiB).
+llama-cpp-python's numbers need a GGUF of the model (the real-weights issue): skipped until then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model.runtime import preload_allocator, set_xla_flags  # noqa: E402  (imports no JAX)
+
+preload_allocator()
+set_xla_flags(cpu_devices=1)
+
+
+def best(fn, repeats: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bandwidth() -> float:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((256, 1024, 1024), jnp.float32)  # 1 GiB
+    total = jax.jit(jnp.sum)
+    return x.nbytes / best(lambda: jax.block_until_ready(total(x)), 5)
+
+
+def prompts(vocab: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, vocab, (batch, length)).tolist()
+
+
+def bench_meshlm(args) -> tuple[dict, object]:
+    import jax
+    from flax import nnx
+
+    from infer.decode import Decoder
+    from infer.sampling import SamplingParams
+    from infer.speculative import speculative_generate
+    from model import get_preset, init_model, param_count
+
+    config = get_preset(args.preset)
+    graphdef, params = nnx.split(init_model(config, seed=0))
+    decoder = Decoder(config, graphdef, params)
+    out = {"preset": args.preset, "params": param_count(config), "weight_bytes": param_count(config) * 4}
+
+    # prefill: one row of --prefill-len tokens (decode loop not run)
+    one = SamplingParams(max_new_tokens=1, temperature=0.0)
+    long = prompts(config.vocab_size, 1, args.prefill_len)
+
+    def prefill():
+        state, _ = decoder.start(long, [one], 1)
+        jax.block_until_ready(state.logits)
+
+    out["prefill_s"] = best(prefill)
+    out["prefill_tokens_per_s"] = args.prefill_len / out["prefill_s"]
+
+    greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
+    out["decode"] = []
+    for batch in args.batches:
+        rows = prompts(config.vocab_size, batch, args.prompt_len, seed=batch)
+        params_rows = [greedy] * batch
+
+        def decode(rows=rows, params_rows=params_rows):
+            state, sampling = decoder.start(rows, params_rows, args.new_tokens)
+            jax.block_until_ready(state.logits)
+            start = time.perf_counter()
+            state = decoder.decode(state, sampling, args.new_tokens, 0)
+            jax.block_until_ready(state.tokens)
+            return time.perf_counter() - start
+
+        decode()  # compile
+        seconds = min(decode() for _ in range(2))
+        cache_length = args.prompt_len + args.new_tokens
+        out["decode"].append({"batch": batch, "seconds": seconds, "tokens_per_s": batch * args.new_tokens / seconds,
+                              "kv_cache_bytes": decoder.cache_bytes(batch, 1 << (cache_length - 1).bit_length())})
+
+    # speculative: a draft of the first --draft-layers layers' shape (random weights: acceptance is low
+    # until real weights; the number shows the loop's overhead)
+    draft_config = config.replace(n_layers=args.draft_layers)
+    draft = Decoder(draft_config, *nnx.split(init_model(draft_config, seed=1)))
+    rows = prompts(config.vocab_size, 1, args.prompt_len)
+    plain_s = best(lambda: decoder.generate_ids(rows, greedy), 2)
+    for name, d in (("self-draft (acceptance 1)", decoder), (f"{args.draft_layers}-layer random draft", draft)):
+        stats: list = []
+        spec_s = best(lambda d=d, stats=stats: speculative_generate(decoder, d, rows, greedy, k=args.draft_tokens,
+                                                                   stats=stats), 2)
+        out.setdefault("speculative", []).append({
+            "draft": name, "k": args.draft_tokens, "seconds": spec_s, "plain_seconds": plain_s,
+            "speedup": plain_s / spec_s, "acceptance_rate": stats[-1].acceptance_rate})
+    return out, config
+
+
+def bench_transformers(config, args) -> dict | str:
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return "torch/transformers not installed (pip install torch==2.13.0 transformers)"
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, rope_theta=config.rope_theta,
+        rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
+        max_position_embeddings=config.max_seq_len)).float().eval()
+    out = {"transformers": transformers.__version__, "torch": torch.__version__}
+    with torch.inference_mode():
+        long = torch.tensor(prompts(config.vocab_size, 1, args.prefill_len))
+        out["prefill_s"] = best(lambda: model(long))
+        out["prefill_tokens_per_s"] = args.prefill_len / out["prefill_s"]
+        out["decode"] = []
+        for batch in args.batches:
+            ids = torch.tensor(prompts(config.vocab_size, batch, args.prompt_len, seed=batch))
+
+            def run(ids=ids):
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                      min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+
+            prefill_only = best(lambda ids=ids: model(ids), 1)
+            seconds = best(run, 1) - prefill_only  # decode time: generate minus its prefill
+            out["decode"].append({"batch": batch, "seconds": seconds,
+                                  "tokens_per_s": batch * args.new_tokens / seconds})
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="smollm2-135m")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--draft-layers", type=int, default=2)
+    parser.add_argument("--draft-tokens", type=int, default=4)
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--out", default="bench_decode.json")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+
+    import jax
+
+    bw = bandwidth()
+    ours, config = bench_meshlm(args)
+    theirs = "skipped (--no-transformers)" if args.no_transformers else bench_transformers(config, args)
+    bound = bw / ours["weight_bytes"]
+    print(f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}; allocator "
+          f"{os.environ.get('LD_PRELOAD') or 'system'}; memory bandwidth {bw / 1e9:.1f} GB/s")
+    print(f"{args.preset}: {ours['params'] / 1e6:.1f}M parameters, {ours['weight_bytes'] / 1e6:.0f} MB float32 "
+          f"-> batch-1 decode bound {bound:.1f} tokens/s")
+    print(f"prefill {args.prefill_len} tokens: meshlm {ours['prefill_tokens_per_s']:,.0f} tokens/s" + (
+        f", transformers {theirs['prefill_tokens_per_s']:,.0f} tokens/s" if isinstance(theirs, dict) else ""))
+    print(f"{'batch':>5} {'meshlm tok/s':>13} {'vs batch 1':>10} {'KV cache':>10} "
+          f"{'transformers tok/s':>19} {'ratio':>6}")
+    base = ours["decode"][0]["tokens_per_s"]
+    for i, row in enumerate(ours["decode"]):
+        hf = theirs["decode"][i]["tokens_per_s"] if isinstance(theirs, dict) else None
+        hf_text = "-" if hf is None else f"{hf:,.1f}"
+        ratio = "" if hf is None else f"{row['tokens_per_s'] / hf:.2f}x"
+        print(f"{row['batch']:>5} {row['tokens_per_s']:>13,.1f} {row['tokens_per_s'] / base:>9.1f}x "
+              f"{row['kv_cache_bytes'] / 2**20:>8.1f}MB {hf_text:>19} {ratio:>6}")
+    for row in ours["speculative"]:
+        print(f"speculative, {row['draft']}, k={row['k']}: acceptance {row['acceptance_rate']:.0%}, "
+              f"{row['speedup']:.2f}x plain decoding (batch 1)")
+    print("llama-cpp-python: skipped (needs the model as GGUF: the real-weights issue)")
+    one = ours["decode"][0]["tokens_per_s"]
+    batch32 = next((r["tokens_per_s"] for r in ours["decode"] if r["batch"] == 32), None)
+    print(f"target, batch-1 decode within 2x of the bound ({bound / 2:.1f} tokens/s): {one:.1f} "
+          f"({'met' if one >= bound / 2 else 'NOT met'})")
+    if batch32:
+        print(f"target, batch-32 >= 15x batch 1: {batch32 / one:.1f}x ({'met' if batch32 >= 15 * one else 'NOT met'})")
+    if isinstance(theirs, str):
+        print(f"transformers: {theirs}")
+    with open(args.out, "w") as f:
+        json.dump({"command": " ".join(sys.argv), "platform": platform.platform(), "bandwidth_bytes_per_s": bw,
+                   "batch1_bound_tokens_per_s": bound, "meshlm": ours, "transformers": theirs}, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
