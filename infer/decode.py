@@ -120,6 +120,7 @@ class Decoder:
             out_length = state.tokens.shape[1]
             end = state.step + steps
             head = model.head()  # once per call, not per step
+            layers = model.layer_params()  # likewise: each layer's weights as their own arrays
 
             def cond(s: DecodeState):
                 return (s.step < end) & ~jnp.all(s.done)
@@ -140,7 +141,7 @@ class Decoder:
                 generated = s.generated + active
                 stopped = jnp.any(token[:, None] == s.stop_ids, axis=-1)
                 done = s.done | (active & (stopped | (generated >= s.max_new)))
-                hidden, cache = model.with_cache(token[:, None], s.lengths[:, None], s.cache)
+                hidden, cache = model.with_cache(token[:, None], s.lengths[:, None], s.cache, layer_params=layers)
                 return s.replace(cache=cache, logits=model.logits(hidden, head)[:, 0], lengths=s.lengths + active,
                                  generated=generated, done=done, step=s.step + 1)
 

@@ -78,6 +78,8 @@ def _round_fn(target: Decoder, draft: Decoder, k: int):
             batch = state.last.shape[0]
             out_length = state.tokens.shape[1]
             index = jnp.arange(k + 1)
+            t_layers, d_layers = t_model.layer_params(), d_model.layer_params()  # once, outside the loop
+            t_head, d_head = t_model.head(), d_model.head()
 
             def cond(s: SpecState):
                 return ~jnp.all(s.done)
@@ -87,10 +89,11 @@ def _round_fn(target: Decoder, draft: Decoder, k: int):
                 # 1. draft: k + 1 single-token steps
                 d_cache, token, drafts, q_probs = s.draft_cache, s.last, [], []
                 for i in range(k + 1):
-                    hidden, d_cache = d_model.with_cache(token[:, None], (s.lengths + i)[:, None], d_cache)
+                    hidden, d_cache = d_model.with_cache(token[:, None], (s.lengths + i)[:, None], d_cache,
+                                                         layer_params=d_layers)
                     if i == k:
                         break
-                    q = jnp.exp(processed_logprobs(d_model.logits(hidden)[:, 0], rows))
+                    q = jnp.exp(processed_logprobs(d_model.logits(hidden, d_head)[:, 0], rows))
                     token = jax.vmap(jax.random.categorical)(keys[:, i], jnp.log(q)).astype(jnp.int32)
                     drafts.append(token)
                     q_probs.append(q)
@@ -99,8 +102,8 @@ def _round_fn(target: Decoder, draft: Decoder, k: int):
                 # 2. target: [last, d_1..d_k] in one pass
                 fed = jnp.concatenate([s.last[:, None], drafts_arr], axis=1)
                 positions = s.lengths[:, None] + index[None]
-                hidden, t_cache = t_model.with_cache(fed, positions, s.target_cache)
-                logits = t_model.logits(hidden)  # [batch, k + 1, vocab]
+                hidden, t_cache = t_model.with_cache(fed, positions, s.target_cache, layer_params=t_layers)
+                logits = t_model.logits(hidden, t_head)  # [batch, k + 1, vocab]
                 p_all = jax.vmap(lambda lg: jnp.exp(processed_logprobs(lg, rows)), in_axes=1, out_axes=1)(logits)
                 # 3. accept / reject
                 p_d = jnp.take_along_axis(p_all[:, :k], drafts_arr[..., None], axis=-1)[..., 0]

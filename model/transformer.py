@@ -172,6 +172,28 @@ class LayerCache:
         return constrain(self.k, cache_axes), constrain(self.v, cache_axes)
 
 
+class CarriedCache:
+    """The whole KVCache with a static layer index (the unrolled decode path): writes and reads touch
+    only that layer's slots, so XLA updates the cache in place."""
+
+    def __init__(self, k: jax.Array, v: jax.Array, layer: int, starts: jax.Array):
+        self.k, self.v, self.layer, self.starts = k, v, layer, starts
+
+    def at(self, layer: int) -> CarriedCache:
+        return CarriedCache(self.k, self.v, layer, self.starts)
+
+    def write(self, k: jax.Array, v: jax.Array) -> CarriedCache:
+        rows = jnp.arange(k.shape[0])[:, None]
+        slots = self.starts[:, None] + jnp.arange(k.shape[1])[None, :]  # [batch, length]
+        return CarriedCache(self.k.at[self.layer, rows, slots].set(k.astype(self.k.dtype), mode="drop"),
+                            self.v.at[self.layer, rows, slots].set(v.astype(self.v.dtype), mode="drop"),
+                            self.layer, self.starts)
+
+    def keys_values(self) -> tuple[jax.Array, jax.Array]:
+        cache_axes = ("batch", "cache_length", "kv_heads", "head_dim")
+        return constrain(self.k[self.layer], cache_axes), constrain(self.v[self.layer], cache_axes)
+
+
 class MLP(nnx.Module):
     """SwiGLU: down(silu(x @ gate) * (x @ up))."""
 
@@ -248,16 +270,37 @@ class Transformer(nnx.Module):
         x, _ = self._layers(self.embed(tokens), positions, attention_mask(segment_ids))
         return self.logits(x)
 
-    def with_cache(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def with_cache(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+                   unroll: bool = False, layer_params: list | None = None) -> tuple[jax.Array, KVCache]:
         """Run new tokens against a KV cache: (hidden states [batch, length, act_embed], updated cache).
 
         tokens, positions [batch, length]: row b's tokens sit at slots positions[b] (consecutive,
         starting at positions[b, 0]); their keys and values are written there, and each token sees
         the cache slots up to its own position. Apply `logits` to the hidden states you need.
+        unroll: a Python loop over the layers instead of the scan: static layer indices let XLA read
+        each layer's weights and cache in place and update the cache in place (decode steps; it costs
+        compile time in proportion to n_layers). layer_params: `self.layer_params()`, made once
+        outside a decode loop, so the loop does not slice the stacked weights at every step.
         """
         slots = jnp.arange(cache.length)
         mask = slots[None, None, :] <= positions[:, :, None]  # [batch, length, cache_length]
+        if unroll or layer_params is not None:
+            return self._layers_unrolled(self.embed(tokens), positions, mask, cache, layer_params)
         return self._layers(self.embed(tokens), positions, mask, cache)
+
+    def layer_params(self) -> list:
+        """Each layer's parameters as separate arrays (copies of the stacked ones)."""
+        stacked = nnx.split(self.layers)[1]
+        return [jax.tree.map(lambda p, layer=layer: p[layer], stacked) for layer in range(self.config.n_layers)]
+
+    def _layers_unrolled(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache,
+                         layer_params: list | None = None) -> tuple[jax.Array, KVCache]:
+        graphdef = nnx.split(self.layers)[0]
+        layer_params = layer_params if layer_params is not None else self.layer_params()
+        view = CarriedCache(cache.k, cache.v, 0, positions[:, 0].astype(jnp.int32))
+        for layer, params in enumerate(layer_params):
+            x, view = nnx.merge(graphdef, params)(x, positions, mask, view.at(layer))
+        return x, KVCache(view.k, view.v)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens [batch, length] -> [batch, length, act_embed] in the compute dtype."""
