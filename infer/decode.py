@@ -11,6 +11,7 @@ own prompt length, position, sampling options, stop ids and token budget.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
@@ -93,7 +94,7 @@ class Decoder:
     # ------------------------------------------------------------------ compiled pieces
 
     def _context(self):
-        return activation_sharding(self.mesh, self.rules) if self.mesh is not None else _nullcontext()
+        return activation_sharding(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
 
     def _prefill_fn(self, params, tokens, lengths, cache, chunk):
         """tokens [batch, prompt_bucket] (right-padded), lengths [batch] -> (next-token logits, cache)."""
@@ -286,14 +287,6 @@ class Decoder:
 
     def cache_bytes(self, batch: int, length: int) -> int:
         return cache_bytes(self.config, batch, length)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:
