@@ -174,6 +174,8 @@ class Decoder:
         context = self.config.max_seq_len
         checked = []
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            if len(p.stop_token_ids) > MAX_STOP_IDS:
+                raise InferenceError(f"stop_token_ids: at most {MAX_STOP_IDS}, got {len(p.stop_token_ids)}")
             prompt = [int(t) for t in prompt]
             if not prompt:
                 raise InferenceError(f"prompt {i} is empty; give at least one token")
@@ -219,8 +221,6 @@ class Decoder:
         stop_ids = np.full((batch, MAX_STOP_IDS), -1, np.int32)
         max_new = np.ones((batch,), np.int32)
         for i, p in enumerate(params):
-            if len(p.stop_token_ids) > MAX_STOP_IDS:
-                raise InferenceError(f"stop_token_ids: at most {MAX_STOP_IDS}, got {len(p.stop_token_ids)}")
             stop_ids[i, :len(p.stop_token_ids)] = p.stop_token_ids
             max_new[i] = p.max_new_tokens
         done = np.arange(batch) >= n  # padding rows are done from the start
@@ -245,19 +245,25 @@ class Decoder:
         return jax.jit(lambda: init_cache(self.config, batch, length),
                        out_shardings=cache_sharding(self.mesh, self.rules))()
 
-    def decode(self, state: DecodeState, rows: RowSampling, steps: int, n_top: int) -> DecodeState:
+    def decode(self, state: DecodeState, rows: RowSampling, steps: int) -> DecodeState:
+        """Up to `steps` more decode iterations (fewer when every row is done)."""
+        n_top = state.top_ids.shape[2]  # the alternatives `start` made room for
         return self._decode(self.params, state, rows, jnp.asarray(steps, jnp.int32), n_top=n_top)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                      truncate: bool = False) -> list[Generation]:
         """Continue every prompt (token ids) on the device, in one batch; no stop strings (see generate.py)."""
+        prompts, params, state, rows = self._begin(prompts, params, truncate)
+        state = self.decode(state, rows, state.tokens.shape[1])
+        return _collect(state, prompts, params)
+
+    def _begin(self, prompts, params, truncate: bool) -> tuple[list[list[int]], list[SamplingParams], DecodeState,
+                                                              RowSampling]:
+        """Check the requests and prefill them: what generate_ids and stream_ids start from."""
         params = _per_prompt(params, len(prompts))
         prompts = self.check(prompts, params, truncate)
-        out_length = max(p.max_new_tokens for p in params)
-        state, rows = self.start(prompts, params, out_length)
-        n_top = max(p.logprobs for p in params)
-        state = self.decode(state, rows, out_length, n_top)
-        return _collect(state, prompts, params)
+        state, rows = self.start(prompts, params, max(p.max_new_tokens for p in params))
+        return prompts, params, state, rows
 
     def stream_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                    chunk: int = 8, truncate: bool = False) -> Iterator[list[list[int]]]:
@@ -265,20 +271,16 @@ class Decoder:
         The decode function is the same compiled one as `generate_ids` uses."""
         if chunk < 1:
             raise InferenceError(f"chunk must be a positive integer, got {chunk!r}")
-        params = _per_prompt(params, len(prompts))
-        prompts = self.check(prompts, params, truncate)
-        out_length = max(p.max_new_tokens for p in params)
-        state, rows = self.start(prompts, params, out_length)
-        n_top = max(p.logprobs for p in params)
+        prompts, params, state, rows = self._begin(prompts, params, truncate)
         sent = [0] * len(prompts)
         while True:
-            state = self.decode(state, rows, chunk, n_top)
+            state = self.decode(state, rows, chunk)
             tokens, generated, done = jax.device_get((state.tokens, state.generated, state.done))
             new = []
             for i, p in enumerate(params):
                 ids = [int(t) for t in tokens[i, sent[i]:generated[i]]]
-                if done[i] and ids and ids[-1] in p.stop_token_ids:
-                    ids = ids[:-1]
+                if done[i]:
+                    ids, _ = finish(ids, p)
                 sent[i] = int(generated[i])
                 new.append(ids)
             yield new
@@ -295,18 +297,22 @@ def _per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> li
     return list(params)
 
 
+def finish(ids: list[int], params: SamplingParams) -> tuple[list[int], str]:
+    """A finished row's tokens without its final stop id, and why it finished ("stop" or "length")."""
+    if ids and ids[-1] in params.stop_token_ids:
+        return ids[:-1], "stop"
+    return ids, "length"
+
+
 def _collect(state: DecodeState, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generation]:
     tokens, logprobs, top_ids, top_lps, generated = jax.device_get(
         (state.tokens, state.logprobs, state.top_ids, state.top_logprobs, state.generated))
     results = []
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        n = int(generated[i])
-        ids = [int(t) for t in tokens[i, :n]]
-        reason = "length"
-        if ids and ids[-1] in p.stop_token_ids:
-            reason, n = "stop", n - 1
+        ids, reason = finish([int(t) for t in tokens[i, :int(generated[i])]], p)
+        n = len(ids)
         results.append(Generation(
-            prompt_ids=list(prompt), token_ids=ids[:n], logprobs=[float(x) for x in logprobs[i, :n]],
+            prompt_ids=list(prompt), token_ids=ids, logprobs=[float(x) for x in logprobs[i, :n]],
             top_logprobs=[[(int(a), float(b)) for a, b in zip(top_ids[i, j, :p.logprobs], top_lps[i, j, :p.logprobs],
                                                              strict=True)] for j in range(n)],
             finish_reason=reason))

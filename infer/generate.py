@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -154,8 +153,3 @@ def stream_text(decoder: Decoder, prompt: str | Sequence[int], tokenizer, params
     text, _ = _cut_at_stop(tokenizer.decode(ids), params.stop)
     if len(text) > sent:
         yield text[sent:]
-
-
-def result_json(result: Generation) -> str:
-    return json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-                       "logprobs": result.logprobs})

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infer.decode import Decoder, Generation, _per_prompt
+from infer.decode import Decoder, Generation, _per_prompt, finish
 from infer.sampling import InferenceError, RowSampling, SamplingParams, processed_logprobs, row_keys
 from model.cache import KVCache
 
@@ -181,12 +181,9 @@ def speculative_generate(target: Decoder, draft: Decoder, prompts: Sequence[Sequ
         (state.tokens, state.logprobs, state.generated, state.proposed, state.accepted))
     results = []
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        n = min(int(generated[i]), p.max_new_tokens)
-        ids = [int(t) for t in tokens[i, :n]]
-        reason = "length"
-        if ids and ids[-1] in p.stop_token_ids:
-            reason, n = "stop", n - 1
-        results.append(Generation(prompt_ids=list(prompt), token_ids=ids[:n],
+        ids, reason = finish([int(t) for t in tokens[i, :min(int(generated[i]), p.max_new_tokens)]], p)
+        n = len(ids)
+        results.append(Generation(prompt_ids=list(prompt), token_ids=ids,
                                   logprobs=[float(x) for x in logprobs[i, :n]], top_logprobs=[[] for _ in range(n)],
                                   finish_reason=reason))
     if stats is not None:

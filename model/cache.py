@@ -9,6 +9,8 @@ The logical axes put `batch` on data/fsdp and `kv_heads` on tensor, like the act
 
 from __future__ import annotations
 
+import math
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -29,14 +31,6 @@ class KVCache:
     def length(self) -> int:
         return self.k.shape[2]
 
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
 
 def cache_shape(config: ModelConfig, batch: int, length: int) -> tuple[int, ...]:
     return (config.n_layers, batch, length, config.n_kv_heads, config.head_dim)
@@ -51,10 +45,7 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCa
 
 def cache_bytes(config: ModelConfig, batch: int, length: int, dtype=None) -> int:
     dtype = jnp.dtype(dtype or config.compute_jnp_dtype)
-    n = 1
-    for size in cache_shape(config, batch, length):
-        n *= size
-    return 2 * n * dtype.itemsize
+    return 2 * math.prod(cache_shape(config, batch, length)) * dtype.itemsize
 
 
 def cache_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> KVCache:

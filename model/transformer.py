@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.cache import KVCache
+from model.cache import CACHE_AXES, KVCache
 from model.config import ModelConfig
 from model.sharding import constrain
 
@@ -153,6 +153,9 @@ class Attention(nnx.Module):
         return constrain(out, ("batch", "length", "act_embed")), cache
 
 
+LAYER_CACHE_AXES = CACHE_AXES[1:]  # one layer of the cache: [batch, cache_length, kv_heads, head_dim]
+
+
 @flax.struct.dataclass
 class LayerCache:
     """One layer's slice of a KVCache inside the layer scan, and where each row writes."""
@@ -168,8 +171,7 @@ class LayerCache:
         return self.replace(k=jax.vmap(put)(self.k, k, self.starts), v=jax.vmap(put)(self.v, v, self.starts))
 
     def keys_values(self) -> tuple[jax.Array, jax.Array]:
-        cache_axes = ("batch", "cache_length", "kv_heads", "head_dim")
-        return constrain(self.k, cache_axes), constrain(self.v, cache_axes)
+        return constrain(self.k, LAYER_CACHE_AXES), constrain(self.v, LAYER_CACHE_AXES)
 
 
 class CarriedCache:
@@ -190,8 +192,7 @@ class CarriedCache:
                             self.layer, self.starts)
 
     def keys_values(self) -> tuple[jax.Array, jax.Array]:
-        cache_axes = ("batch", "cache_length", "kv_heads", "head_dim")
-        return constrain(self.k[self.layer], cache_axes), constrain(self.v[self.layer], cache_axes)
+        return constrain(self.k[self.layer], LAYER_CACHE_AXES), constrain(self.v[self.layer], LAYER_CACHE_AXES)
 
 
 class MLP(nnx.Module):
@@ -271,20 +272,19 @@ class Transformer(nnx.Module):
         return self.logits(x)
 
     def with_cache(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-                   unroll: bool = False, layer_params: list | None = None) -> tuple[jax.Array, KVCache]:
+                   layer_params: list | None = None) -> tuple[jax.Array, KVCache]:
         """Run new tokens against a KV cache: (hidden states [batch, length, act_embed], updated cache).
 
         tokens, positions [batch, length]: row b's tokens sit at slots positions[b] (consecutive,
         starting at positions[b, 0]); their keys and values are written there, and each token sees
         the cache slots up to its own position. Apply `logits` to the hidden states you need.
-        unroll: a Python loop over the layers instead of the scan: static layer indices let XLA read
-        each layer's weights and cache in place and update the cache in place (decode steps; it costs
-        compile time in proportion to n_layers). layer_params: `self.layer_params()`, made once
-        outside a decode loop, so the loop does not slice the stacked weights at every step.
+        layer_params: `self.layer_params()`, made once outside a decode loop. With it the layers run
+        as a Python loop instead of the scan: static layer indices let XLA use each layer's weights
+        as they are and update the cache in place (decode steps; compile time grows with n_layers).
         """
         slots = jnp.arange(cache.length)
         mask = slots[None, None, :] <= positions[:, :, None]  # [batch, length, cache_length]
-        if unroll or layer_params is not None:
+        if layer_params is not None:
             return self._layers_unrolled(self.embed(tokens), positions, mask, cache, layer_params)
         return self._layers(self.embed(tokens), positions, mask, cache)
 
@@ -294,9 +294,8 @@ class Transformer(nnx.Module):
         return [jax.tree.map(lambda p, layer=layer: p[layer], stacked) for layer in range(self.config.n_layers)]
 
     def _layers_unrolled(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache,
-                         layer_params: list | None = None) -> tuple[jax.Array, KVCache]:
+                         layer_params: list) -> tuple[jax.Array, KVCache]:
         graphdef = nnx.split(self.layers)[0]
-        layer_params = layer_params if layer_params is not None else self.layer_params()
         view = CarriedCache(cache.k, cache.v, 0, positions[:, 0].astype(jnp.int32))
         for layer, params in enumerate(layer_params):
             x, view = nnx.merge(graphdef, params)(x, positions, mask, view.at(layer))
@@ -330,7 +329,7 @@ class Transformer(nnx.Module):
 
     def _layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """The stacked blocks, run by lax.scan (the cache, when there is one, rides in the carry)."""
+        """The stacked blocks, run by lax.scan (with a cache, each layer's slice is scanned in and out)."""
         config = self.config
         graphdef, stacked = nnx.split(self.layers)
         starts = None if cache is None else positions[:, 0].astype(jnp.int32)

@@ -86,7 +86,7 @@ def bench_meshlm(args) -> tuple[dict, object]:
             state, sampling = decoder.start(rows, params_rows, args.new_tokens)
             jax.block_until_ready(state.logits)
             start = time.perf_counter()
-            state = decoder.decode(state, sampling, args.new_tokens, 0)
+            state = decoder.decode(state, sampling, args.new_tokens)
             jax.block_until_ready(state.tokens)
             return time.perf_counter() - start
 
@@ -113,19 +113,13 @@ def bench_meshlm(args) -> tuple[dict, object]:
 
 
 def bench_transformers(config, args) -> dict | str:
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        return "torch/transformers not installed (pip install torch==2.13.0 transformers)"
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, rope_theta=config.rope_theta,
-        rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
-        max_position_embeddings=config.max_seq_len)).float().eval()
+    from hf_llama import llama_for_causal_lm
+
+    loaded = llama_for_causal_lm(config)
+    if isinstance(loaded, str):
+        return loaded
+    torch, transformers, model = loaded
+    model.eval()
     out = {"transformers": transformers.__version__, "torch": torch.__version__}
     with torch.inference_mode():
         long = torch.tensor(prompts(config.vocab_size, 1, args.prefill_len))

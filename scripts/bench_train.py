@@ -91,22 +91,14 @@ def meshlm_runner(config, mesh_shape: dict[str, int], batch_size: int, seq_len: 
 
 def transformers_runner(config, batch_size: int, seq_len: int, attn: str) -> Runner | str:
     """LlamaForCausalLM of the same shapes (float32, torch.optim.AdamW, clipping), or why it is skipped."""
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        return "torch/transformers not installed (pip install torch==2.13.0 transformers)"
+    from hf_llama import llama_for_causal_lm
+
     from model import param_count
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.d_model, intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads, head_dim=config.head_dim, rope_theta=config.rope_theta,
-        rms_norm_eps=config.norm_eps, tie_word_embeddings=config.tie_embeddings,
-        max_position_embeddings=config.max_seq_len, attn_implementation=attn,
-    )).float()
+    loaded = llama_for_causal_lm(config, attn_implementation=attn)
+    if isinstance(loaded, str):
+        return loaded
+    torch, transformers, model = loaded
     params = sum(p.numel() for p in model.parameters())
     if params != param_count(config):
         raise AssertionError(f"transformers model has {params:,} parameters, meshlm's {param_count(config):,}")
