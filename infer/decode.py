@@ -243,7 +243,7 @@ class Decoder:
         if self.mesh is None:
             return init_cache(self.config, batch, length)
         return jax.jit(lambda: init_cache(self.config, batch, length),
-                       out_shardings=cache_sharding(self.mesh, self.rules))()
+                       out_shardings=cache_sharding(self.config, self.mesh, self.rules))()
 
     def decode(self, state: DecodeState, rows: RowSampling, steps: int) -> DecodeState:
         """Up to `steps` more decode iterations (fewer when every row is done)."""

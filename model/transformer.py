@@ -2,7 +2,8 @@
 
 RMSNorm -> grouped-query attention with rotary embeddings -> SwiGLU MLP, in
 pre-norm residual blocks; the blocks are stored stacked (a leading `layers`
-axis) and run with `jax.lax.scan`. Parameters carry logical axis names and
+axis) and run with `jax.lax.scan` (against a KV cache, as a Python loop over
+the layers: see `Transformer.with_cache`). Parameters carry logical axis names and
 activations are pinned with `constrain`, so the same code runs on any mesh
 (see sharding.py). Parameters live in `param_dtype`, matmuls run in
 `compute_dtype`, and norms, softmax and logits are float32.
@@ -10,7 +11,6 @@ activations are pinned with `constrain`, so the same code runs on any mesh
 
 from __future__ import annotations
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,6 +119,27 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     return out.reshape(batch, length, heads, head_dim)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention of new queries over one layer's cache, read in its stored layout.
+
+    q [batch, length, heads, head_dim]; k, v [batch, kv_heads, cache_length, head_dim];
+    mask [batch, length, cache_length]. Both dots batch over (row, kv head), whose keys and values
+    are contiguous [cache_length, head_dim] matrices: the cache is never transposed.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = heads // kv_heads
+    # [batch, kv_heads, group * length, head_dim]: the group's queries of every position as one matrix
+    q = q.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, kv_heads, group * length, head_dim)
+    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=F32) * head_dim**-0.5
+    scores = scores.reshape(batch, kv_heads, group, length, -1)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, kv_heads, group * length, -1)
+    out = jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(batch, kv_heads, group, length, head_dim)
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, h, kv, hd = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
@@ -148,51 +169,35 @@ class Attention(nnx.Module):
             out = grouped_query_attention(q, k, v, mask, causal=True)  # [batch, length, heads, head_dim]
         else:
             cache = cache.write(k, v)
-            out = grouped_query_attention(q, *cache.keys_values(), mask)
+            out = cached_attention(q, *cache.keys_values(), mask)
         out = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(self.dtype))
         return constrain(out, ("batch", "length", "act_embed")), cache
 
 
-LAYER_CACHE_AXES = CACHE_AXES[1:]  # one layer of the cache: [batch, cache_length, kv_heads, head_dim]
-
-
-@flax.struct.dataclass
 class LayerCache:
-    """One layer's slice of a KVCache inside the layer scan, and where each row writes."""
+    """The whole KVCache seen from one layer (a static index): the layer writes its new keys and
+    values at each row's slots and reads its own arrays; the other layers' arrays pass through."""
 
-    k: jax.Array  # [batch, cache_length, kv_heads, head_dim]
-    v: jax.Array
-    starts: jax.Array  # int32 [batch]: the slot of each row's first new token
+    def __init__(self, cache: KVCache, layer: int, starts: jax.Array):
+        self.cache, self.layer, self.starts = cache, layer, starts  # starts [batch]: each row's first new slot
+
+    def at(self, layer: int) -> LayerCache:
+        return LayerCache(self.cache, layer, self.starts)
 
     def write(self, k: jax.Array, v: jax.Array) -> LayerCache:
-        def put(cache, new, start):  # one row: new [length, kv_heads, head_dim] at slot `start`
-            return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (start, 0, 0))
-
-        return self.replace(k=jax.vmap(put)(self.k, k, self.starts), v=jax.vmap(put)(self.v, v, self.starts))
-
-    def keys_values(self) -> tuple[jax.Array, jax.Array]:
-        return constrain(self.k, LAYER_CACHE_AXES), constrain(self.v, LAYER_CACHE_AXES)
-
-
-class CarriedCache:
-    """The whole KVCache with a static layer index (the unrolled decode path): writes and reads touch
-    only that layer's slots, so XLA updates the cache in place."""
-
-    def __init__(self, k: jax.Array, v: jax.Array, layer: int, starts: jax.Array):
-        self.k, self.v, self.layer, self.starts = k, v, layer, starts
-
-    def at(self, layer: int) -> CarriedCache:
-        return CarriedCache(self.k, self.v, layer, self.starts)
-
-    def write(self, k: jax.Array, v: jax.Array) -> CarriedCache:
+        """k, v [batch, length, kv_heads, head_dim] into slots starts[b] .. starts[b] + length - 1."""
         rows = jnp.arange(k.shape[0])[:, None]
         slots = self.starts[:, None] + jnp.arange(k.shape[1])[None, :]  # [batch, length]
-        return CarriedCache(self.k.at[self.layer, rows, slots].set(k.astype(self.k.dtype), mode="drop"),
-                            self.v.at[self.layer, rows, slots].set(v.astype(self.v.dtype), mode="drop"),
-                            self.layer, self.starts)
+
+        def put(arrays: tuple[jax.Array, ...], new: jax.Array) -> tuple[jax.Array, ...]:
+            old = arrays[self.layer]  # [batch, kv_heads, cache_length, head_dim]
+            updated = old.at[rows, :, slots].set(new.astype(old.dtype), mode="drop")
+            return arrays[:self.layer] + (updated,) + arrays[self.layer + 1:]
+
+        return LayerCache(KVCache(put(self.cache.k, k), put(self.cache.v, v)), self.layer, self.starts)
 
     def keys_values(self) -> tuple[jax.Array, jax.Array]:
-        return constrain(self.k[self.layer], LAYER_CACHE_AXES), constrain(self.v[self.layer], LAYER_CACHE_AXES)
+        return (constrain(self.cache.k[self.layer], CACHE_AXES), constrain(self.cache.v[self.layer], CACHE_AXES))
 
 
 class MLP(nnx.Module):
@@ -268,7 +273,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        x, _ = self._layers(self.embed(tokens), positions, attention_mask(segment_ids))
+        x = self._layers(self.embed(tokens), positions, attention_mask(segment_ids))
         return self.logits(x)
 
     def with_cache(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
@@ -278,28 +283,25 @@ class Transformer(nnx.Module):
         tokens, positions [batch, length]: row b's tokens sit at slots positions[b] (consecutive,
         starting at positions[b, 0]); their keys and values are written there, and each token sees
         the cache slots up to its own position. Apply `logits` to the hidden states you need.
-        layer_params: `self.layer_params()`, made once outside a decode loop. With it the layers run
-        as a Python loop instead of the scan: static layer indices let XLA use each layer's weights
-        as they are and update the cache in place (decode steps; compile time grows with n_layers).
+        The layers run as a Python loop (static layer indices: each layer reads and updates its own
+        cache arrays in place; compile time grows with n_layers). layer_params: `self.layer_params()`;
+        a decode loop makes it once, outside the loop, instead of slicing the stacked weights per step.
         """
         slots = jnp.arange(cache.length)
         mask = slots[None, None, :] <= positions[:, :, None]  # [batch, length, cache_length]
-        if layer_params is not None:
-            return self._layers_unrolled(self.embed(tokens), positions, mask, cache, layer_params)
-        return self._layers(self.embed(tokens), positions, mask, cache)
+        if layer_params is None:
+            layer_params = self.layer_params()
+        graphdef = nnx.split(self.layers)[0]
+        x = self.embed(tokens)
+        view = LayerCache(cache, 0, positions[:, 0].astype(jnp.int32))
+        for layer, params in enumerate(layer_params):
+            x, view = nnx.merge(graphdef, params)(x, positions, mask, view.at(layer))
+        return x, view.cache
 
     def layer_params(self) -> list:
         """Each layer's parameters as separate arrays (copies of the stacked ones)."""
         stacked = nnx.split(self.layers)[1]
         return [jax.tree.map(lambda p, layer=layer: p[layer], stacked) for layer in range(self.config.n_layers)]
-
-    def _layers_unrolled(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache,
-                         layer_params: list) -> tuple[jax.Array, KVCache]:
-        graphdef = nnx.split(self.layers)[0]
-        view = CarriedCache(cache.k, cache.v, 0, positions[:, 0].astype(jnp.int32))
-        for layer, params in enumerate(layer_params):
-            x, view = nnx.merge(graphdef, params)(x, positions, mask, view.at(layer))
-        return x, KVCache(view.k, view.v)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens [batch, length] -> [batch, length, act_embed] in the compute dtype."""
@@ -327,22 +329,15 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("bld,dv->blv", x, self.lm_head[...].astype(dtype), preferred_element_type=F32)
         return constrain(logits, ("batch", "length", "vocab"))
 
-    def _layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
-                cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """The stacked blocks, run by lax.scan (with a cache, each layer's slice is scanned in and out)."""
+    def _layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """The stacked blocks, run by lax.scan."""
         config = self.config
         graphdef, stacked = nnx.split(self.layers)
-        starts = None if cache is None else positions[:, 0].astype(jnp.int32)
 
-        def layer(x, scanned):
-            params, layer_cache = scanned
-            view = None if layer_cache is None else LayerCache(*layer_cache, starts)
-            x, view = nnx.merge(graphdef, params)(x, positions, mask, view)
-            return x, None if view is None else (view.k, view.v)
+        def layer(x, params):
+            return nnx.merge(graphdef, params)(x, positions, mask)[0], None
 
         if config.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICY[config.remat], prevent_cse=False)
-        # each layer reads and writes its own slice of the cache (scanned in and out)
-        x, new = jax.lax.scan(layer, x, (stacked, None if cache is None else (cache.k, cache.v)),
-                              unroll=min(config.scan_unroll, config.n_layers))
-        return x, None if cache is None else KVCache(*new)
+        x, _ = jax.lax.scan(layer, x, stacked, unroll=min(config.scan_unroll, config.n_layers))
+        return x

@@ -31,3 +31,19 @@ def stdlib_texts() -> list[str]:
         except UnicodeDecodeError:
             continue
     return texts
+
+
+@pytest.fixture
+def float64(monkeypatch):
+    """Models built inside the test may use param/compute dtype "float64", and the model's float32
+    accumulations (norms, scores, logits) run in float64 too: two computations that differ only in
+    the order of their sums then agree to ~1e-12, which tells rounding from a bug."""
+    import jax.numpy as jnp
+
+    import model.config as model_config
+    import model.transformer as transformer
+
+    with jax.enable_x64(True):
+        monkeypatch.setitem(model_config.DTYPES, "float64", jnp.float64)
+        monkeypatch.setattr(transformer, "F32", jnp.float64)
+        yield
