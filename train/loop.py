@@ -30,7 +30,7 @@ import yaml
 
 from data.loader import Loader
 from data.store import open_store
-from model.checkpoint import layout_metadata
+from model.checkpoint import checkpoint_dir, layout_metadata, restore_params
 from model.config import flops_per_token
 from model.sharding import make_mesh
 from train.checkpoint import Checkpointer
@@ -140,6 +140,10 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     restored = checkpointer.restore_latest(steps.abstract_state, layout)
     if restored is None:
         state, loader_state = steps.init(config.train.seed), None
+        if config.train.init_from:
+            source = checkpoint_dir(config.train.init_from)
+            state = state.replace(params=restore_params(source, steps.abstract_state.params, layout=layout))
+            log(f"run {config.run_dir}: parameters from {source}")
         log(f"run {config.run_dir}: new, {config.train.steps} steps on mesh {dict(mesh.shape)}")
     else:
         state, loader_state = restored.state, restored.loader_state
