@@ -141,7 +141,8 @@ def _write_gguf(path, arch="llama", tensor_type=None):
     if tensor_type is None:
         writer.add_tensor("token_embd.weight", data)
     else:
-        writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.uint8), raw_shape=(4, 8), raw_dtype=tensor_type)
+        block, size = gguf.GGML_QUANT_SIZES[tensor_type]  # one block per row, as raw bytes
+        writer.add_tensor("token_embd.weight", np.zeros((4, size), np.uint8), raw_dtype=tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -152,6 +153,12 @@ def test_gguf_of_another_architecture(tmp_path):
     _write_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
     with pytest.raises(WeightsError, match="architecture 'gpt2' is not supported"):
         load_gguf(str(tmp_path / "gpt2.gguf"))
+
+
+def test_gguf_with_a_tensor_type_that_cannot_be_dequantised(tmp_path):
+    _write_gguf(tmp_path / "q8_1.gguf", tensor_type=gguf.GGMLQuantizationType.Q8_1)
+    with pytest.raises(WeightsError, match="'token_embd.weight' has type Q8_1, which cannot be dequantised"):
+        load_gguf(str(tmp_path / "q8_1.gguf"))
 
 
 def test_gguf_with_missing_layers(tmp_path):
