@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
 
 USER_ERRORS = {"model.config.ConfigError", "model.sharding.ShardingError", "data.errors.DataError",
                "train.config.TrainConfigError", "train.loop.TrainingStopped", "model.checkpoint.CheckpointError",
-               "infer.sampling.InferenceError", "model.hf.WeightsError"}
+               "infer.sampling.InferenceError", "model.hf.WeightsError",
+               "model.pipeline.PipelineError"}
 
 
 def _is_user_error(error: Exception) -> bool:

@@ -50,7 +50,8 @@ PARAMS, LAYOUT, CHECKSUMS = "params", "layout", "checksums"  # Orbax item names;
 COMMIT_MARKER = ocp.path.atomicity.COMMIT_SUCCESS_FILE  # "commit_success.txt"
 # ModelConfig fields that may differ between a checkpoint and the model restoring it: they change how the
 # parameters are used, not what they are.
-FREE_FIELDS = ("max_seq_len", "compute_dtype", "remat", "scan_unroll", "init_std")
+FREE_FIELDS = ("max_seq_len", "compute_dtype", "remat", "scan_unroll", "init_std", "pipeline_microbatches",
+               "pipeline_virtual_stages")
 SHOWN_PATHS = 10  # missing / extra parameter paths listed in an error before "and N more"
 
 T = TypeVar("T")

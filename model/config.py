@@ -52,6 +52,8 @@ class ModelConfig:
     remat: str = "none"  # one of REMAT_POLICIES
     scan_unroll: int = 1  # layers per iteration of the layer scan; n_layers unrolls it fully
     init_std: float = 0.02
+    pipeline_microbatches: int = 1  # with a `stage` mesh axis S > 1: microbatches per step (>= S)
+    pipeline_virtual_stages: int = 1  # layer chunks per stage: > 1 is the circular schedule
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # from YAML / JSON
@@ -87,8 +89,10 @@ class ModelConfig:
                 raise ConfigError(
                     f"ModelConfig.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}"
                 )
-        if not isinstance(self.scan_unroll, int) or isinstance(self.scan_unroll, bool) or self.scan_unroll < 1:
-            raise ConfigError(f"ModelConfig.scan_unroll must be a positive integer, got {self.scan_unroll!r}")
+        for name in ("scan_unroll", "pipeline_microbatches", "pipeline_virtual_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 

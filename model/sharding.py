@@ -40,7 +40,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "mlp": "tensor",
     "vocab": "tensor",
     "norm": None,
-    "layers": None,
+    "layers": "stage",  # pipeline stages hold contiguous blocks of the stacked layers (model/pipeline.py)
     "stage": "stage",
 }
 
@@ -220,6 +220,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     mesh, rules = active
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+def mesh_axis_size(axis: str) -> int:
+    """The size of a mesh axis of the active mesh (`activation_sharding`); 1 without one."""
+    active = _ACTIVE.get()
+    return 1 if active is None else int(active[0].shape.get(axis, 1))
 
 
 def named_sharding(mesh: Mesh, names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> NamedSharding:

@@ -18,7 +18,8 @@ from flax import nnx
 
 from model.cache import CACHE_AXES, KVCache
 from model.config import ModelConfig
-from model.sharding import constrain
+from model.pipeline import pipelined
+from model.sharding import constrain, mesh_axis_size
 
 F32 = jnp.float32
 
@@ -330,14 +331,22 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
     def _layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """The stacked blocks, run by lax.scan."""
+        """The stacked blocks, run by lax.scan; as a pipeline over the `stage` mesh axis when it has more
+        than one device (model/pipeline.py)."""
         config = self.config
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x, params):
-            return nnx.merge(graphdef, params)(x, positions, mask)[0], None
+        def run(params, x, positions, mask):  # a run of layers (params: [layers, ...]) on x
+            def layer(x, params):
+                return nnx.merge(graphdef, params)(x, positions, mask)[0], None
 
-        if config.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICY[config.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(layer, x, stacked, unroll=min(config.scan_unroll, config.n_layers))
-        return x
+            if config.remat != "none":
+                layer = jax.checkpoint(layer, policy=REMAT_POLICY[config.remat], prevent_cse=False)
+            count = jax.tree.leaves(params)[0].shape[0]
+            return jax.lax.scan(layer, x, params, unroll=min(config.scan_unroll, count))[0]
+
+        stages = mesh_axis_size("stage")
+        if stages > 1:
+            return pipelined(run, stacked, x, positions, mask, stages, config.pipeline_microbatches,
+                             config.pipeline_virtual_stages)
+        return run(stacked, x, positions, mask)

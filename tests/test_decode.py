@@ -31,8 +31,17 @@ def _prompts(lengths, seed=0):
     return [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in lengths]
 
 
+_FORWARDS = {}
+
+
 def _full_logprobs(model, ids):
-    return np.asarray(jax.nn.log_softmax(model(jnp.asarray([ids]))[0], axis=-1))
+    """Log-probabilities of the full (uncached) forward at every position of `ids`. The ids are padded to
+    max_seq_len so that one compiled forward serves every length: causal attention keeps the padding
+    from reaching the positions that are read."""
+    forward = _FORWARDS.setdefault(id(model), jax.jit(lambda tokens: jax.nn.log_softmax(model(tokens), axis=-1)))
+    padded = np.zeros((1, CONFIG.max_seq_len), np.int32)
+    padded[0, :len(ids)] = ids
+    return np.asarray(forward(jnp.asarray(padded))[0, :len(ids)])
 
 
 def _cached_against_full(model, config):

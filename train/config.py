@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from model.config import ModelConfig, get_preset
+from model.pipeline import PipelineError, check_pipeline
 
 
 class TrainConfigError(ValueError):
@@ -39,6 +40,14 @@ class MeshSection:
 
     def shape(self) -> dict[str, int]:
         return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSection:
+    """Pipeline parallelism when mesh.stage > 1 (model/pipeline.py): the model config's pipeline fields."""
+
+    microbatches: int = 1  # M: each step's batch goes through the stages in M parts (>= mesh.stage)
+    virtual_stages: int = 1  # V: layer chunks per stage; > 1 is the circular schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +107,7 @@ class LogSection:
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=lambda: get_preset("small"))
     mesh: MeshSection = MeshSection()
+    pipeline: PipelineSection = PipelineSection()
     data: DataSection = DataSection()
     optim: OptimSection = OptimSection()
     schedule: ScheduleSection = ScheduleSection()
@@ -125,6 +135,15 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainConfigError(message)
+        # the model runs the pipeline, so it carries the two numbers (they do not change its parameters)
+        object.__setattr__(self, "model", self.model.replace(pipeline_microbatches=self.pipeline.microbatches,
+                                                             pipeline_virtual_stages=self.pipeline.virtual_stages))
+        if self.mesh.stage > 1:
+            try:
+                check_pipeline(self.model.n_layers, self.mesh.stage, self.pipeline.microbatches,
+                               self.pipeline.virtual_stages, self.train.batch_size // self.train.microbatches)
+            except PipelineError as e:
+                raise TrainConfigError(str(e)) from e
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for YAML, JSON and checkpoints); `from_dict` inverts it."""
@@ -192,7 +211,7 @@ def _model(values: Any) -> ModelConfig:
     return config.replace(**{k: _coerce(v, hints[k], f"model.{k}") for k, v in values.items()})
 
 
-SECTIONS = {"mesh": MeshSection, "data": DataSection, "optim": OptimSection, "schedule": ScheduleSection,
+SECTIONS = {"mesh": MeshSection, "pipeline": PipelineSection, "data": DataSection, "optim": OptimSection, "schedule": ScheduleSection,
             "train": TrainSection, "checkpoint": CheckpointSection, "log": LogSection}
 
 

@@ -32,6 +32,7 @@ from data.loader import Loader
 from data.store import open_store
 from model.checkpoint import checkpoint_dir, layout_metadata, restore_params
 from model.config import flops_per_token
+from model.pipeline import bubble_fraction
 from model.sharding import make_mesh
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, TrainConfigError
@@ -151,6 +152,10 @@ def train(config: TrainConfig, log=print) -> TrainResult:
 
     peak, peak_source = peak_flops(list(mesh.devices.flat))
     log(f"MFU peak: {peak_source}")
+    bubble = bubble_fraction(mesh.shape["stage"], config.pipeline.microbatches, config.pipeline.virtual_stages)
+    if mesh.shape["stage"] > 1:
+        log(f"pipeline: {mesh.shape['stage']} stages, {config.pipeline.microbatches} microbatches, "
+            f"{config.pipeline.virtual_stages} virtual stages per device: bubble {bubble:.1%}")
     seq_len = store.seq_len
     tokens_per_step = config.train.batch_size * seq_len
     model_flops_per_step = flops_per_token(config.model, seq_len) * tokens_per_step
@@ -196,6 +201,7 @@ def train(config: TrainConfig, log=print) -> TrainResult:
                         "kind": "train", "step": step, "loss": values["loss"], "grad_norm": values["grad_norm"],
                         "lr": values["lr"], "tokens_per_s": tokens_per_step / seconds, "step_time": seconds,
                         "mfu": model_flops_per_step / seconds / peak, "skipped": int(state.skipped),
+                        "pipeline_bubble": bubble,
                     }
                     metrics.write(record)
                     bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",

@@ -23,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
 from model.loss import token_losses
+from model.pipeline import check_pipeline
 from model.placement import new_model, param_layout
 from model.sharding import DEFAULT_RULES, Rules, activation_sharding, check_divisible, named_sharding
 from train.config import OptimSection, ScheduleSection
@@ -116,6 +117,12 @@ def build_steps(model: ModelConfig, optim: OptimSection, schedule: ScheduleSecti
     graphdef, abstract_params, logical_axes = layout.graphdef, layout.abstract, layout.logical_axes
     param_shardings = layout.shardings
     check_divisible("global batch", (batch_size // microbatches, 1), ("batch", "length"), mesh, rules)
+    stages = mesh.shape["stage"]
+    if stages > 1:  # each pipeline microbatch is split over the batch axes too
+        check_pipeline(model.n_layers, stages, model.pipeline_microbatches, model.pipeline_virtual_stages,
+                       batch_size // microbatches)
+        check_divisible("pipeline microbatch", (batch_size // microbatches // model.pipeline_microbatches, 1),
+                        ("batch", "length"), mesh, rules)
     sched = lr_schedule(optim, schedule, total_steps)
     optimizer = make_optimizer(optim, sched, logical_axes)
     replicated = NamedSharding(mesh, PartitionSpec())
