@@ -356,7 +356,7 @@ def _load_gguf(path: str) -> tuple[tiktoken.Encoding, str, int, int | None]:
         except KeyError as e:
             raise DataError(f"{path}: token {i} {token!r} is not in the byte-level alphabet") from e
     made = [ranks.get(bytes(to_byte[c] for c in left + right)) for left, right in (m.split(" ", 1) for m in merges)]
-    if any(r is None for r in made) or any(a >= b for a, b in zip(made, made[1:])):
+    if any(r is None for r in made) or any(a >= b for a, b in zip(made, made[1:], strict=False)):
         raise DataError(f"{path}: merge results are not in id order; tiktoken cannot replay these merges")
     n_vocab = len(tokens)
     missing = [bytes([b]) for b in range(256) if bytes([b]) not in ranks]

@@ -26,7 +26,16 @@ from jax.sharding import Mesh
 
 from infer.decode import Decoder, Generation, _per_prompt
 from infer.sampling import InferenceError, SamplingParams
-from model.checkpoint import CheckpointError, checkpoint_dir, layout_metadata, read_layout, reader, restore_params, restore_target, save_params
+from model.checkpoint import (
+    CheckpointError,
+    checkpoint_dir,
+    layout_metadata,
+    read_layout,
+    reader,
+    restore_params,
+    restore_target,
+    save_params,
+)
 from model.config import ModelConfig
 from model.placement import abstract_model
 
@@ -67,7 +76,6 @@ def load_checkpoint(path: str, mesh: Mesh | None = None, step: int | None = None
 def run_tokenizer(path: str):
     """The tokenizer of a training run: the one its data store was written with (config.yaml's data.store)."""
     from data.pipeline import store_tokenizer
-
     from data.tokenizer import load_tokenizer
 
     run = _run_config(path)

@@ -39,7 +39,8 @@ class PipelineError(ValueError):
     """A pipeline that cannot be scheduled: layers that do not split into stages, too few microbatches."""
 
 
-def check_pipeline(n_layers: int, stages: int, microbatches: int, virtual_stages: int, batch: int | None = None) -> None:
+def check_pipeline(n_layers: int, stages: int, microbatches: int, virtual_stages: int,
+                   batch: int | None = None) -> None:
     if stages <= 1:
         return
     if virtual_stages < 1:
@@ -90,7 +91,6 @@ def pipelined(stage_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Arr
     chunks = jax.tree.map(lambda p: constrain(p, ("stage", *(None,) * (p.ndim - 1))), chunks)
     xs = _to_microbatches(x, m)  # [M, rows, length, act_embed]
     pos, masks = _to_microbatches(positions, m), _to_microbatches(mask, m)
-    rows = xs.shape[1]
     buffer_axes = ("stage", "batch", "length", "act_embed")
     state = constrain(jnp.zeros((s, *xs.shape[1:]), xs.dtype), buffer_axes)
     done = jnp.zeros_like(xs)  # the last stage's outputs, by microbatch (inputs to the next round)
@@ -118,5 +118,4 @@ def pipelined(stage_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Arr
         return (state, done), None
 
     (_, done), _ = jax.lax.scan(iteration, (state, done), jnp.arange(v * m + s - 1))
-    del rows
     return _from_microbatches(done)

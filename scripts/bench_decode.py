@@ -122,7 +122,8 @@ def bench_meshlm(args) -> tuple[dict, object]:
     rows = [text_prompt] if text_prompt is not None else prompts(config.vocab_size, 1, args.prompt_len)
     plain_s = best(lambda: decoder.generate_ids(rows, greedy), 2)
     kind = "the target's first" if text_prompt is not None else "random"
-    for name, d in (("self-draft (acceptance 1)", decoder), (f"{args.draft_layers}-layer draft ({kind} layers)", draft)):
+    drafts = (("self-draft (acceptance 1)", decoder), (f"{args.draft_layers}-layer draft ({kind} layers)", draft))
+    for name, d in drafts:
         stats: list = []
         spec_s = best(lambda d=d, stats=stats: speculative_generate(decoder, d, rows, greedy, k=args.draft_tokens,
                                                                    stats=stats), 2)

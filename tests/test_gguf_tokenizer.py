@@ -42,7 +42,7 @@ def _strings(texts: list[str]) -> list[tuple[str, str]]:
     rng = random.Random(0)
     docs = [t for t in texts if len(t) > 400]
     out = []
-    for i in range(700):  # prose (docstrings, help text) and code, from the corpus: slices of many sizes
+    for _ in range(700):  # prose (docstrings, help text) and code, from the corpus: slices of many sizes
         doc = docs[rng.randrange(len(docs))]
         size = rng.choice([8, 40, 200, 1000])
         start = rng.randrange(max(1, len(doc) - size))

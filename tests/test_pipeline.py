@@ -106,7 +106,7 @@ def _train_losses(config, mesh_shape, steps=3):
     built = build_steps(config, OptimSection(lr=1e-2), ScheduleSection(warmup_steps=0), steps, mesh, batch_size=8)
     state = built.init(0)
     losses = []
-    for step in range(steps):
+    for _ in range(steps):
         tokens = np.asarray(_batch(config))  # the same batch each step: the loss must fall
         batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
                  "positions": np.broadcast_to(np.arange(16), (8, 16)), "segment_ids": np.ones((8, 16), np.int32),

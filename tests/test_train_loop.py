@@ -111,7 +111,8 @@ def test_init_from_starts_a_new_run_from_another_checkpoint(tmp_path, store):
 
     source = _train(tmp_path / "source", store, "train.steps=10")
     assert source.returncode == 0, source.stderr
-    tuned = _train(tmp_path / "tuned", store, "train.steps=1", "optim.lr=1e-12", f"train.init_from={tmp_path / 'source'}")
+    tuned = _train(tmp_path / "tuned", store, "train.steps=1", "optim.lr=1e-12",
+                   f"train.init_from={tmp_path / 'source'}")
     assert tuned.returncode == 0, tuned.stderr
     assert "parameters from" in tuned.stdout and "new, 1 steps" in tuned.stdout
     assert _losses(tmp_path / "tuned")[1] < _losses(tmp_path / "source")[1] - 0.5  # it starts where the source ended

@@ -211,8 +211,8 @@ def _model(values: Any) -> ModelConfig:
     return config.replace(**{k: _coerce(v, hints[k], f"model.{k}") for k, v in values.items()})
 
 
-SECTIONS = {"mesh": MeshSection, "pipeline": PipelineSection, "data": DataSection, "optim": OptimSection, "schedule": ScheduleSection,
-            "train": TrainSection, "checkpoint": CheckpointSection, "log": LogSection}
+SECTIONS = {"mesh": MeshSection, "pipeline": PipelineSection, "data": DataSection, "optim": OptimSection,
+            "schedule": ScheduleSection, "train": TrainSection, "checkpoint": CheckpointSection, "log": LogSection}
 
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:
