@@ -40,7 +40,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "mlp": "tensor",
     "vocab": "tensor",
     "norm": None,
-    "layers": "stage",  # pipeline stages hold contiguous blocks of the stacked layers (model/pipeline.py)
+    "layers": None,  # on a mesh with a pipeline (stage > 1): "stage", see rules_on
     "stage": "stage",
 }
 
@@ -113,6 +113,16 @@ def make_abstract_mesh(shape: Mapping[str, int], n_devices: int) -> AbstractMesh
 # ----------------------------------------------------------------------------- logical -> mesh
 
 
+def rules_on(mesh: Mesh | AbstractMesh, rules: Rules) -> Rules:
+    """The rules as they apply on `mesh`: when its `stage` axis pipelines (size > 1) and the rules leave
+    `layers` unmapped, the stacked layers are split over `stage`, each stage holding a contiguous block
+    (model/pipeline.py). Without a pipeline `layers` stays unmapped: naming the size-1 stage axis in
+    every layer parameter's spec made XLA:CPU's train step of the demo 2.5x slower."""
+    if rules.get("layers") is None and dict(mesh.shape).get("stage", 1) > 1:
+        return {**rules, "layers": "stage"}
+    return rules
+
+
 def logical_to_spec(names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> PartitionSpec:
     """Logical axis names of one tensor -> its PartitionSpec under `rules`."""
     entries: list[MeshAxes] = []
@@ -144,7 +154,7 @@ def check_divisible(
     what: str, shape: Sequence[int], names: Sequence[str | None], mesh: Mesh | AbstractMesh, rules: Rules
 ) -> None:
     """Raise a ShardingError naming `what` if a dimension does not split evenly."""
-    spec = logical_to_spec(names, rules)
+    spec = logical_to_spec(names, rules_on(mesh, rules))
     if len(names) != len(shape):
         raise ShardingError(f"{what}: shape {tuple(shape)} has {len(shape)} dims but logical axes {tuple(names)}")
     for dim, (size, name, entry) in enumerate(zip(shape, names, spec, strict=False)):
@@ -176,7 +186,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh | AbstractMesh, rules: Rules
     for path, var in _variables_with_paths(abstract_state):
         check_divisible(f"parameter {path!r}", var.shape, logical_axes_of(var), mesh, rules)
     return jax.tree.map(
-        lambda var: NamedSharding(mesh, logical_to_spec(logical_axes_of(var), rules)),
+        lambda var: NamedSharding(mesh, logical_to_spec(logical_axes_of(var), rules_on(mesh, rules))),
         abstract_state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
@@ -188,7 +198,7 @@ def describe_layout(abstract_state: Any, mesh: Mesh | AbstractMesh, rules: Rules
     for path, var in _variables_with_paths(abstract_state):
         names = logical_axes_of(var)
         check_divisible(f"parameter {path!r}", var.shape, names, mesh, rules)
-        spec = logical_to_spec(names, rules)
+        spec = logical_to_spec(names, rules_on(mesh, rules))
         shard = tuple(size // _axes_size(mesh, entry) for size, entry in zip(var.shape, spec, strict=True))
         rows.append(
             {"path": path, "shape": tuple(var.shape), "dtype": str(var.dtype), "logical_axes": names,
@@ -219,7 +229,7 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+    return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, rules))
 
 
 def mesh_axis_size(axis: str) -> int:
@@ -229,4 +239,4 @@ def mesh_axis_size(axis: str) -> int:
 
 
 def named_sharding(mesh: Mesh, names: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(names, rules))
+    return NamedSharding(mesh, logical_to_spec(names, rules_on(mesh, rules)))

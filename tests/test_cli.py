@@ -22,7 +22,7 @@ def test_demo_prepares_trains_evaluates_and_samples(tmp_path):
     out = result.stdout
     assert "on 8 cpu devices" in out and "parameters: 6,819,072" in out
     assert "mesh: data=2, stage=1, fsdp=2, tensor=2" in out
-    assert "layers/attn/wq" in out and "P('stage', 'fsdp', 'tensor', None)" in out  # layers -> stage (size 1 here)
+    assert "layers/attn/wq" in out and "P(None, 'fsdp', 'tensor', None)" in out
     assert "validation loss" in out and "unigram entropy of the same tokens" in out
     assert out.rstrip().split("== 4. sample")[1].count("def fibonacci(n):") == 1
     assert (tmp_path / "demo" / "train" / "loss.png").exists()

@@ -121,7 +121,7 @@ def test_place_on_mesh_moves_existing_parameters():
     mesh = _mesh({"fsdp": 4, "tensor": 2})
     model = place_on_mesh(init_model(CONFIG, seed=3), mesh)
     wq = model.layers.attn.wq[...]
-    assert wq.sharding.spec == jax.sharding.PartitionSpec("stage", "fsdp", "tensor", None)
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert wq.addressable_shards[0].data.shape == (CONFIG.n_layers, CONFIG.d_model // 4, CONFIG.n_heads // 2,
                                                    CONFIG.head_dim)
 
@@ -157,7 +157,7 @@ def test_mesh_shapes():
 def test_rules_table():
     assert logical_to_spec(("batch", "length", "act_embed")) == jax.sharding.PartitionSpec(("data", "fsdp"), None,
                                                                                            None)
-    assert logical_to_spec(("layers", "embed", "mlp")) == jax.sharding.PartitionSpec("stage", "fsdp", "tensor")
+    assert logical_to_spec(("layers", "embed", "mlp")) == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     with pytest.raises(ShardingError, match="logical axis 'nonsense' has no rule"):
         logical_to_spec(("nonsense",))
     with pytest.raises(ShardingError, match="map mesh axis 'fsdp' twice"):

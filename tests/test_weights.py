@@ -225,11 +225,6 @@ def test_convert_generate_and_chat_from_the_command_line(smollm, reference, tmp_
     text = _meshlm("generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", PROMPTS["prose"], "--max-tokens",
                    "8", "--temperature", "0", "--cpu-devices", "1")
     assert text == smollm[2].decode(greedy_ids[:8]) + "\n"  # transformers' greedy tokens: weights and tokenizer
-    _meshlm("convert", "--checkpoint", str(tmp_path / "ckpt"), "--to", "hf", "--out", str(tmp_path / "hf"))
-    config, params = load_hf(str(tmp_path / "hf"))
-    assert config == smollm[0]
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(smollm[1]), strict=True):
-        np.testing.assert_array_equal(a, b)
     reply = _meshlm("chat", "--checkpoint", str(tmp_path / "ckpt"), "--temperature", "0", "--max-tokens", "24",
                     "--cpu-devices", "1", stdin="What is the capital of France?\n")
     assert "Paris" in reply  # the template, its special tokens and the stop at <|im_end|> all work
