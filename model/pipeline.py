@@ -1,7 +1,7 @@
 """Pipeline parallelism: the stacked layers split into stages over the `stage` mesh axis.
 
-The parameters keep their layout, [layers, ...], and the rules table maps `layers -> stage`, so
-stage s holds a contiguous block of layers: a checkpoint is the same whether a run was pipelined or
+The parameters keep their layout, [layers, ...]; on a mesh whose `stage` axis is > 1 the rules map
+`layers -> stage` (`model.sharding.rules_on`), so stage s holds a contiguous block of layers: a checkpoint is the same whether a run was pipelined or
 not, and restores onto any mesh. A run turns pipelining on with a mesh whose `stage` axis is S > 1
 and two numbers of the model config: M microbatches and V virtual stages per device.
 
