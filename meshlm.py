@@ -114,7 +114,7 @@ def _load(args: argparse.Namespace, mesh=None):
     from infer.generate import load_model
 
     return load_model(checkpoint=args.checkpoint, gguf=args.gguf, hf=args.hf, model=args.model,
-                      tokenizer=args.tokenizer, mesh=mesh)
+                      tokenizer=args.tokenizer, mesh=mesh, preset=getattr(args, "preset", None))
 
 
 def _sampling(args: argparse.Namespace, tokenizer, extra_stop_ids=()):
@@ -220,6 +220,69 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"meshlm convert: {loaded.source} -> {where} ({args.to}; {loaded.config.n_layers} layers, "
           f"d_model {loaded.config.d_model}, vocab {loaded.config.vocab_size})", file=sys.stderr)
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible HTTP server: listens at once, loads the model in the background (/health says
+    when it is ready), drains in-flight requests on SIGTERM."""
+    import logging
+
+    import uvicorn
+
+    from infer.sampling import InferenceError
+    from infer.server import ServerOptions, build_serving, create_app
+    from model import make_mesh, parse_mesh
+
+    keys = _api_keys(args.api_keys_file, args.api_keys_env)
+    template = None
+    if args.chat_template:
+        with open(args.chat_template) as f:
+            template = f.read()
+    sources = [v for v in (args.checkpoint, args.gguf, args.hf, args.model, args.preset) if v]
+    if len(sources) != 1:
+        raise InferenceError("give exactly one of --checkpoint, --gguf, --hf, --model, --preset")
+    name = args.served_model_name or os.path.basename(os.path.normpath(sources[0])).removesuffix(".gguf")
+
+    def load(metrics):
+        mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
+        loaded = _load(args, mesh)
+        serving = build_serving(loaded, metrics, model_name=name, slots=args.slots, max_length=args.max_length,
+                                mesh=mesh, batching=args.batching, max_queue=args.max_queue,
+                                prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), stuck_after=args.stuck_after,
+                                chat_template=template)
+        engine = serving.scheduler.engine
+        print(f"meshlm serve: ready: {loaded.source}, {engine.slots} slots of {engine.max_length} tokens, "
+              f"{args.batching} batching", file=sys.stderr, flush=True)
+        return serving
+
+    options = ServerOptions(api_keys=keys, requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
+                            max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+    logging.basicConfig(level=logging.INFO, format="meshlm serve: %(message)s")
+    if keys is None:
+        print("meshlm serve: no API keys configured (--api-keys-file or $MESHLM_API_KEYS): anyone who can reach "
+              f"{args.host}:{args.port} may use it", file=sys.stderr)
+    print(f"meshlm serve: http://{args.host}:{args.port}/v1 serves {name!r}; loading the model", file=sys.stderr)
+    uvicorn.run(create_app(load, options), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_timeout)
+    return 0
+
+
+def _api_keys(path: str | None, env: str) -> frozenset[str] | None:
+    """Keys from a file (one per line; blank lines and # comments skipped) and/or a comma-separated
+    environment variable; None when neither gives any."""
+    from infer.sampling import InferenceError
+
+    keys: set[str] = set()
+    if path:
+        try:
+            with open(path) as f:
+                keys |= {line.strip() for line in f if line.strip() and not line.strip().startswith("#")}
+        except OSError as e:
+            raise InferenceError(f"--api-keys-file: cannot read {path!r} ({e.strerror})") from e
+        if not keys:
+            raise InferenceError(f"--api-keys-file: {path!r} holds no keys")
+    keys |= {k.strip() for k in os.environ.get(env, "").split(",") if k.strip()}
+    return frozenset(keys) or None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -367,6 +430,36 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--system", default=None, help="a system message (default: the template's own)")
     chat.set_defaults(func=cmd_chat)
 
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching, streaming, API keys, "
+                                         "rate limits, Prometheus metrics")
+    model_source(serve)
+    serve.add_argument("--preset", default=None, help="random weights of a preset (load tests); needs --tokenizer")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: the "
+                       "source's file or directory name)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--slots", type=int, default=8, help="sequences decoded together")
+    serve.add_argument("--max-length", type=int, default=None, help="prompt + completion tokens per sequence "
+                       "(default: the model's max_seq_len, at most 2048)")
+    serve.add_argument("--batching", choices=["continuous", "static"], default="continuous")
+    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests; more get 503")
+    serve.add_argument("--prefix-cache-mb", type=float, default=256.0, help="device memory for reused prefixes "
+                       "(0: off)")
+    serve.add_argument("--api-keys-file", default=None, help="accepted API keys, one per line")
+    serve.add_argument("--api-keys-env", default="MESHLM_API_KEYS", help="an environment variable holding "
+                       "comma-separated API keys")
+    serve.add_argument("--rpm", type=int, default=0, help="requests per minute per key (0: no limit)")
+    serve.add_argument("--tpm", type=int, default=0, help="prompt + max_tokens per minute per key (0: no limit)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    serve.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the model's)")
+    serve.add_argument("--stuck-after", type=float, default=120.0, help="seconds without progress before "
+                       "/health reports the engine stuck")
+    serve.add_argument("--drain-timeout", type=float, default=300.0, help="seconds SIGTERM waits for requests")
+    serve.add_argument("--mesh", default=None, help="AXIS=SIZE,... to serve on a mesh (default: one device)")
+    serve.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (CPU platform only)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
+
     convert = sub.add_parser("convert", help="GGUF / Hugging Face -> meshlm checkpoint, or a checkpoint -> "
                              "Hugging Face directory")
     model_source(convert)
@@ -414,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     show.set_defaults(func=cmd_data_show)
 
     args = parser.parse_args(argv)
-    if args.command in ("demo", "train", "generate", "chat", "convert"):
+    if args.command in ("demo", "train", "generate", "chat", "convert", "serve"):
         from model.runtime import preload_allocator, set_xla_flags
 
         if argv is None:  # the `meshlm` command itself, not a call from Python

@@ -80,15 +80,7 @@ class Decoder:
                  rules: Rules = DEFAULT_RULES, prefill_chunk: int = 512):
         self.config, self.graphdef, self.mesh, self.rules = config, graphdef, mesh, rules
         self.prefill_chunk = prefill_chunk
-        if isinstance(params, nnx.State):
-            params = nnx.to_pure_dict(params)
-        if mesh is not None:
-            from model.placement import param_layout
-
-            params = jax.device_put(params, param_layout(config, mesh, rules).shardings)  # shard by shard
-        else:
-            params = jax.device_put(params)  # host (numpy) weights once, not at every call
-        self.params = params
+        self.params = place_params(config, params, mesh, rules)
         self.traces = {"prefill": 0, "decode": 0}  # how often each function was traced (compiled)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("chunk",), donate_argnames=("cache",))
         self._decode = jax.jit(self._decode_fn, static_argnames=("n_top",), donate_argnames=("state",))
@@ -103,17 +95,7 @@ class Decoder:
         self.traces["prefill"] += 1
         with self._context():
             model = nnx.merge(self.graphdef, params)
-            batch, total = tokens.shape
-            last = jnp.zeros((batch, self.config.d_model), self.config.compute_jnp_dtype)
-            for start in range(0, total, chunk):  # chunked prefill: a static loop over chunks
-                size = min(chunk, total - start)
-                positions = jnp.broadcast_to(start + jnp.arange(size, dtype=jnp.int32), (batch, size))
-                hidden, cache = model.with_cache(tokens[:, start:start + size], positions, cache)
-                index = lengths - 1 - start
-                here = (index >= 0) & (index < size)
-                picked = jnp.take_along_axis(hidden, jnp.clip(index, 0, size - 1)[:, None, None], axis=1)[:, 0]
-                last = jnp.where(here[:, None], picked, last)
-            return model.logits(last[:, None])[:, 0], cache
+            return prefill_logits(model, tokens, jnp.zeros_like(lengths), lengths, cache, chunk)
 
     def _decode_fn(self, params, state: DecodeState, rows: RowSampling, steps, n_top):
         """Run up to `steps` iterations: sample from the logits, record, feed the token back."""
@@ -291,6 +273,37 @@ class Decoder:
 
     def cache_bytes(self, batch: int, length: int) -> int:
         return cache_bytes(self.config, batch, length)
+
+
+def place_params(config: ModelConfig, params: Any, mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> Any:
+    """A parameter dict on the device: laid out on `mesh` by the rules (shard by shard), or on the
+    default device (host numpy weights are copied once, not at every call)."""
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
+    if mesh is None:
+        return jax.device_put(params)
+    from model.placement import param_layout
+
+    return jax.device_put(params, param_layout(config, mesh, rules).shardings)
+
+
+def prefill_logits(model: Any, tokens: jax.Array, starts: jax.Array, lengths: jax.Array, cache: KVCache, chunk: int,
+                   layer_params: list | None = None) -> tuple[jax.Array, KVCache]:
+    """Write new tokens into a cache, `chunk` at a time; each row's last new token's logits.
+
+    tokens [batch, new] (right-padded): row b's tokens go to slots starts[b] .. starts[b] + lengths[b] - 1
+    (slots before starts[b] already hold that row's earlier tokens). -> (logits [batch, vocab], cache)."""
+    batch, total = tokens.shape
+    last = jnp.zeros((batch, model.config.d_model), model.config.compute_jnp_dtype)
+    for start in range(0, total, chunk):  # chunked prefill: a static loop over chunks
+        size = min(chunk, total - start)
+        positions = starts[:, None] + start + jnp.arange(size, dtype=jnp.int32)[None, :]
+        hidden, cache = model.with_cache(tokens[:, start:start + size], positions, cache, layer_params=layer_params)
+        index = lengths - 1 - start
+        here = (index >= 0) & (index < size)
+        picked = jnp.take_along_axis(hidden, jnp.clip(index, 0, size - 1)[:, None, None], axis=1)[:, 0]
+        last = jnp.where(here[:, None], picked, last)
+    return model.logits(last[:, None])[:, 0], cache
 
 
 def _per_prompt(params: SamplingParams | Sequence[SamplingParams], n: int) -> list[SamplingParams]:

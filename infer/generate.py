@@ -106,16 +106,28 @@ class LoadedModel:
 
 
 def load_model(checkpoint: str | None = None, gguf: str | None = None, hf: str | None = None,
-               model: str | None = None, tokenizer: str | None = None, mesh: Mesh | None = None) -> LoadedModel:
-    """One of: a training or converted checkpoint, a GGUF file, a Hugging Face directory, or a packaged
-    model by name ("smollm2-135m"). `tokenizer` overrides the source's own (required for a Hugging Face
-    directory, whose tokenizer.json meshlm does not read)."""
+               model: str | None = None, tokenizer: str | None = None, mesh: Mesh | None = None,
+               preset: str | None = None) -> LoadedModel:
+    """One of: a training or converted checkpoint, a GGUF file, a Hugging Face directory, a packaged
+    model by name ("smollm2-135m"), or a preset with random weights (load tests and benchmarks; its
+    vocabulary is the tokenizer's). `tokenizer` overrides the source's own (required for a Hugging Face
+    directory, whose tokenizer.json meshlm does not read, and for a preset)."""
     from data.tokenizer import load_tokenizer
 
-    given = [name for name, value in (("checkpoint", checkpoint), ("gguf", gguf), ("hf", hf), ("model", model))
-             if value]
+    given = [name for name, value in (("checkpoint", checkpoint), ("gguf", gguf), ("hf", hf), ("model", model),
+                                      ("preset", preset)) if value]
     if len(given) != 1:
-        raise InferenceError(f"give exactly one of --checkpoint, --gguf, --hf, --model (got {given or 'none'})")
+        raise InferenceError(f"give exactly one of --checkpoint, --gguf, --hf, --model, --preset "
+                             f"(got {given or 'none'})")
+    if preset:
+        from model import get_preset, init_model
+
+        if not tokenizer:
+            raise InferenceError("--preset (random weights) needs --tokenizer: its vocabulary sets the model's")
+        tok = load_tokenizer(tokenizer)
+        config = get_preset(preset).replace(vocab_size=tok.vocab_size)
+        graphdef, params = nnx.split(init_model(config, seed=0))
+        return LoadedModel(config, graphdef, nnx.to_pure_dict(params), tok, None, f"preset {preset} (random weights)")
     template = None
     if model:
         from model.gguf import packaged_model_path
@@ -237,23 +249,52 @@ def _tokens_for_text(ids: list[int], text: str, tokenizer) -> int:
     return keep
 
 
+class TextStream:
+    """Incremental detokenisation of one continuation: `add` token ids as they come and get back the text
+    that is safe to show. Text that could be the start of a stop string, and a partly decoded character,
+    are held back until known not to be; at a stop string the text ends (the stop string is not shown)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer, self.stop = tokenizer, tuple(stop)
+        self.ids: list[int] = []
+        self.sent = 0  # characters handed out
+        self.stopped = False
+        self._hold = max((len(s) for s in self.stop), default=1) - 1
+
+    def add(self, ids: Sequence[int]) -> str:
+        """The new text the tokens `ids` make showable ("" when none; nothing after a stop string)."""
+        if self.stopped:
+            return ""
+        self.ids += ids
+        text, self.stopped = _cut_at_stop(self.tokenizer.decode(self.ids), self.stop)
+        limit = len(text) if self.stopped else min(len(text) - self._hold, len(text.rstrip("\ufffd")))
+        return self._hand_out(text, limit)
+
+    def finish(self) -> str:
+        """What is left once no more tokens come."""
+        if self.stopped:
+            return ""
+        text, _ = _cut_at_stop(self.tokenizer.decode(self.ids), self.stop)
+        return self._hand_out(text, len(text))
+
+    def _hand_out(self, text: str, limit: int) -> str:
+        if limit <= self.sent:
+            return ""
+        piece, self.sent = text[self.sent:limit], limit
+        return piece
+
+
 def stream_text(decoder: Decoder, prompt: str | Sequence[int], tokenizer, params: SamplingParams = DEFAULT_SAMPLING,
                 chunk: int = 4, truncate: bool = False) -> Iterator[str]:
-    """Yield the continuation's text as it is generated, `chunk` tokens per decode call. Text that could
-    be the start of a stop string (and a partly decoded character) is held back until it is known not
-    to be; generation stops at a stop string, which is not yielded."""
-    ids: list[int] = []
-    sent = 0
-    hold = max((len(s) for s in params.stop), default=1) - 1
+    """Yield the continuation's text as it is generated, `chunk` tokens per decode call (see TextStream for
+    what is held back); generation stops at a stop string, which is not yielded."""
+    text = TextStream(tokenizer, params.stop)
     for [new] in decoder.stream_ids(_encode([prompt], tokenizer), [params], chunk=chunk, truncate=truncate):
-        ids += new
-        text, stopped = _cut_at_stop(tokenizer.decode(ids), params.stop)
-        limit = len(text) if stopped else min(len(text) - hold, len(text.rstrip("\ufffd")))
-        if limit > sent:
-            yield text[sent:limit]
-            sent = limit
-        if stopped:
+        piece = text.add(new)
+        if piece:
+            yield piece
+        if text.stopped:
             return
-    text, _ = _cut_at_stop(tokenizer.decode(ids), params.stop)
-    if len(text) > sent:
-        yield text[sent:]
+    piece = text.finish()
+    if piece:
+        yield piece

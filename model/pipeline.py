@@ -1,9 +1,10 @@
 """Pipeline parallelism: the stacked layers split into stages over the `stage` mesh axis.
 
 The parameters keep their layout, [layers, ...]; on a mesh whose `stage` axis is > 1 the rules map
-`layers -> stage` (`model.sharding.rules_on`), so stage s holds a contiguous block of layers: a checkpoint is the same whether a run was pipelined or
-not, and restores onto any mesh. A run turns pipelining on with a mesh whose `stage` axis is S > 1
-and two numbers of the model config: M microbatches and V virtual stages per device.
+`layers -> stage` (`model.sharding.rules_on`), so stage s holds a contiguous block of layers: a
+checkpoint is the same whether a run was pipelined or not, and restores onto any mesh. A run turns
+pipelining on with a mesh whose `stage` axis is S > 1 and two numbers of the model config:
+M microbatches and V virtual stages per device.
 
 The schedule runs inside the jitted step. The batch is cut into M microbatches; a buffer holds one
 microbatch's activations per stage, [stage, microbatch_rows, length, embed], sharded over `stage`.

@@ -1,0 +1,271 @@
+"""The serving engine: `slots` concurrent sequences over one batched KV cache, driven by three verbs that any
+scheduler can call (JetStream's engine API):
+
+    prefill(prompt, sampling, reuse=None) -> Prefill   a prompt's keys and values, and its first token
+    insert(prefill, state, slot) -> state              that prefill into a slot of the batch
+    generate(state) -> (state, Step)                   one more token for every slot, in one step
+
+A slot's row of the `SlotState` holds its cache, the token to feed next and that token's position, its sampling
+options and how many tokens it has drawn. A row's random key depends only on its seed and that count (as in the
+decode loop), so a request's tokens do not depend on its slot or on its neighbours. Free slots still run (the
+batch has one static shape) but write past the end of their cache, which drops the writes.
+
+Everything that holds one sequence (a Prefill's cache, a prefix-cache entry) has as many identical rows as the
+mesh has batch shards, so it is laid out like the batch; row 0 is the one that is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from infer.decode import bucket, place_params, prefill_logits
+from infer.sampling import InferenceError, RowSampling, SamplingParams, processed_logprobs, row_keys, sample
+from model.cache import KVCache, cache_bytes, cache_sharding, init_cache
+from model.config import ModelConfig
+from model.sharding import DEFAULT_RULES, Rules, activation_sharding, check_divisible, named_sharding
+
+MIN_BUCKET = 16  # the shortest prompt bucket and cache a prefill makes
+
+
+@flax.struct.dataclass
+class SlotState:
+    """The batch the engine decodes: one row per slot."""
+
+    cache: KVCache  # n_layers x [slots, kv_heads, max_length, head_dim]
+    tokens: jax.Array  # [slots] int32: the token to feed next (drawn, its KV not yet in the cache)
+    lengths: jax.Array  # [slots] int32: tokens in the cache = the position of `tokens`
+    generated: jax.Array  # [slots] int32: tokens drawn so far (the counter of the row's random key)
+    rows: RowSampling  # [slots] sampling options and seeds
+
+
+@dataclasses.dataclass
+class Prefill:
+    """A prompt run through the model: its KV, ready to insert into a slot, and the first token drawn."""
+
+    cache: KVCache  # n_layers x [shards, kv_heads, length bucket, head_dim]; row 0 is read
+    length: int  # prompt tokens whose keys and values are in the cache
+    token: int  # the first generated token
+    logprob: float  # its log-probability under the model
+    rows: RowSampling  # the request's sampling options, [shards]
+    reused: int  # leading prompt tokens whose KV came from `reuse` instead of being computed
+
+
+@dataclasses.dataclass
+class Step:
+    """What one generate step drew, per slot (numpy, fetched from the device)."""
+
+    tokens: np.ndarray  # [slots] int32
+    logprobs: np.ndarray  # [slots] float32
+
+
+class Engine:
+    """Prefill, insert and generate for one model, on one device or a mesh.
+
+    slots: sequences decoded together (rounded up to a multiple of the mesh's batch shards);
+    max_length: cache slots per sequence = the longest prompt + completion (default and at most the
+    model's max_seq_len).
+    """
+
+    def __init__(self, config: ModelConfig, graphdef: Any, params: Any, slots: int = 8, max_length: int | None = None,
+                 mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, prefill_chunk: int = 512):
+        if not isinstance(slots, int) or slots < 1:
+            raise InferenceError(f"slots must be a positive integer, got {slots!r}")
+        max_length = config.max_seq_len if max_length is None else max_length
+        if not isinstance(max_length, int) or not 2 <= max_length <= config.max_seq_len:
+            raise InferenceError(f"max_length must be an integer in [2, {config.max_seq_len}] (the model's "
+                                 f"max_seq_len), got {max_length!r}")
+        self.config, self.graphdef, self.mesh, self.rules = config, graphdef, mesh, rules
+        self.shards = 1
+        if mesh is not None:
+            self.shards = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+        self.slots = -(-slots // self.shards) * self.shards
+        self.max_length, self.prefill_chunk = max_length, prefill_chunk
+        if mesh is not None:
+            check_divisible("engine slots", (self.slots,), ("batch",), mesh, rules)
+        params = place_params(config, params, mesh, rules)
+        # Each layer's weights as their own arrays, made once: a one-step function that sliced the stacked
+        # weights would copy every layer's weights at every step. The stacked arrays are then replaced by
+        # empty placeholders (nothing reads them: with_cache runs on `layer_params`), so weights are held once.
+        split = jax.jit(lambda p: (_model(graphdef, p).layer_params(), _model(graphdef, p).head()))
+        with self._context():
+            self.layer_params, self.head = split(params)
+        self.params = dict(params, layers=jax.tree.map(self._placeholder, params["layers"]))
+        self.traces = {"prefill": 0, "generate": 0, "insert": 0}  # how often each function was traced
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("chunk",), donate_argnames=("cache",))
+        self._first = jax.jit(_draw)
+        self._insert = jax.jit(self._insert_fn, donate_argnames=("state",))
+        self._generate = jax.jit(self._generate_fn, donate_argnames=("state",))
+        self._extract = jax.jit(self._extract_fn, static_argnames=("length",))
+        self._resize = jax.jit(self._resize_fn, static_argnames=("length",))
+
+    # ------------------------------------------------------------------ the three verbs
+
+    def prefill(self, prompt: Sequence[int], params: SamplingParams,
+                reuse: tuple[KVCache, int] | None = None) -> Prefill:
+        """Run a prompt (token ids) into a fresh cache and draw its first token.
+
+        reuse: (a cache holding an earlier sequence's KV, n): its first n positions hold the KV of
+        prompt[:n] (a prefix-cache hit); only prompt[n:] is computed."""
+        prompt = [int(t) for t in prompt]
+        n, start = len(prompt), (reuse[1] if reuse is not None else 0)
+        self.check(prompt, params)
+        if not 0 <= start < n:
+            raise InferenceError(f"reuse: {start} reused tokens for a prompt of {n}; reuse fewer than the prompt")
+        length = self.cache_bucket(n)
+        new = n - start
+        width = min(bucket(new, MIN_BUCKET), length)
+        tokens = np.zeros((self.shards, width), np.int32)
+        tokens[:, :new] = prompt[start:]
+        if reuse is None:
+            cache = self._new_cache(self.shards, length)
+        else:
+            cache = self._resize(reuse[0], length=length)
+        rows = RowSampling.from_params([params] * self.shards, self.shards)
+        if self.mesh is not None:
+            rows = jax.device_put(rows, named_sharding(self.mesh, ("batch",), self.rules))
+        logits, cache = self._prefill(self.params, self.layer_params, self._put(tokens, ("batch", "length")),
+                                      self._put(np.full(self.shards, start, np.int32), ("batch",)),
+                                      self._put(np.full(self.shards, new, np.int32), ("batch",)), cache,
+                                      chunk=min(self.prefill_chunk, width))
+        token, logprob = jax.device_get(self._first(logits, rows))
+        return Prefill(cache, n, int(token[0]), float(logprob[0]), rows, start)
+
+    def insert(self, prefill: Prefill, state: SlotState, slot: int) -> SlotState:
+        """Copy a prefill into `slot` (its cache rows, next token, position, sampling options)."""
+        if not 0 <= slot < self.slots:
+            raise InferenceError(f"slot {slot} is not one of the engine's {self.slots} slots")
+        return self._insert(state, prefill.cache, prefill.rows, jnp.int32(prefill.token), jnp.int32(prefill.length),
+                            jnp.int32(slot))
+
+    def generate(self, state: SlotState) -> tuple[SlotState, Step]:
+        """One decode step for every slot: feed each slot's token, draw the next."""
+        state, tokens, logprobs = self._generate(self.params, self.layer_params, self.head, state)
+        tokens, logprobs = jax.device_get((tokens, logprobs))
+        return state, Step(np.asarray(tokens), np.asarray(logprobs))
+
+    # ------------------------------------------------------------------ around them
+
+    def init_state(self) -> SlotState:
+        """Every slot free: positions past the cache's end, so free slots write nothing."""
+        rows = RowSampling.from_params([], self.slots)
+        state = SlotState(cache=self._new_cache(self.slots, self.max_length),
+                          tokens=self._put(np.zeros(self.slots, np.int32), ("batch",)),
+                          lengths=self._put(np.full(self.slots, self.max_length, np.int32), ("batch",)),
+                          generated=self._put(np.zeros(self.slots, np.int32), ("batch",)), rows=rows)
+        if self.mesh is not None:
+            state = state.replace(rows=jax.device_put(rows, named_sharding(self.mesh, ("batch",), self.rules)))
+        return state
+
+    def extract(self, state: SlotState, slot: int, length: int) -> KVCache:
+        """The KV of a slot's first `length` positions (bucketed), shaped like a Prefill's cache: what the
+        prefix cache keeps of a finished sequence."""
+        return self._extract(state.cache, jnp.int32(slot), length=self.cache_bucket(length))
+
+    def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """A request fits: a non-empty prompt of known token ids that, with max_new_tokens, fits max_length."""
+        if not prompt:
+            raise InferenceError("prompt is empty; give at least one token")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise InferenceError(f"prompt has token id {bad[0]} outside the vocabulary "
+                                 f"(0..{self.config.vocab_size - 1})")
+        if len(prompt) + params.max_new_tokens > self.max_length:
+            raise InferenceError(
+                f"the prompt has {len(prompt)} tokens and max_tokens is {params.max_new_tokens}: together more than "
+                f"the {self.max_length} tokens of context this engine serves; shorten the prompt or lower max_tokens")
+
+    def cache_bucket(self, n: int) -> int:
+        """The cache length a sequence of n tokens is held in: a power of two (>= MIN_BUCKET), at most max_length."""
+        return min(bucket(n, MIN_BUCKET), self.max_length)
+
+    def cache_bytes(self, length: int) -> int:
+        """Device memory of one sequence's cache of `length` positions (all its rows)."""
+        return cache_bytes(self.config, self.shards, length)
+
+    # ------------------------------------------------------------------ compiled pieces
+
+    def _context(self):
+        return activation_sharding(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+
+    def _placeholder(self, x: jax.Array) -> jax.Array:
+        empty = np.zeros((0,), x.dtype)
+        return jax.device_put(empty) if self.mesh is None else jax.device_put(empty, named_sharding(self.mesh, ()))
+
+    def _put(self, x: np.ndarray, axes: tuple[str, ...]) -> jax.Array:
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, named_sharding(self.mesh, axes, self.rules))
+
+    def _new_cache(self, batch: int, length: int) -> KVCache:
+        if self.mesh is None:
+            return init_cache(self.config, batch, length)
+        return jax.jit(lambda: init_cache(self.config, batch, length),
+                       out_shardings=cache_sharding(self.config, self.mesh, self.rules))()
+
+    def _prefill_fn(self, params, layer_params, tokens, starts, lengths, cache, chunk):
+        self.traces["prefill"] += 1
+        with self._context():
+            return prefill_logits(_model(self.graphdef, params), tokens, starts, lengths, cache, chunk, layer_params)
+
+    def _insert_fn(self, state: SlotState, cache: KVCache, rows: RowSampling, token, length, slot) -> SlotState:
+        self.traces["insert"] += 1
+        with self._context():
+            def put(big: jax.Array, small: jax.Array) -> jax.Array:  # row 0 of small into row `slot` of big
+                return jax.lax.dynamic_update_slice(big, small[:1].astype(big.dtype), (slot, 0, 0, 0))
+
+            cache = KVCache(tuple(map(put, state.cache.k, cache.k)), tuple(map(put, state.cache.v, cache.v)))
+            return SlotState(cache=cache, tokens=state.tokens.at[slot].set(token),
+                             lengths=state.lengths.at[slot].set(length), generated=state.generated.at[slot].set(1),
+                             rows=jax.tree.map(lambda a, b: a.at[slot].set(b[0]), state.rows, rows))
+
+    def _generate_fn(self, params, layer_params, head, state: SlotState):
+        self.traces["generate"] += 1
+        with self._context():
+            model = _model(self.graphdef, params)
+            hidden, cache = model.with_cache(state.tokens[:, None], state.lengths[:, None], state.cache,
+                                             layer_params=layer_params)
+            tokens, logprobs = _draw(model.logits(hidden, head)[:, 0], state.rows, state.generated)
+            state = state.replace(cache=cache, tokens=tokens, generated=state.generated + 1,
+                                  lengths=jnp.minimum(state.lengths + 1, self.max_length))
+            return state, tokens, logprobs
+
+    def _extract_fn(self, cache: KVCache, slot, length: int) -> KVCache:
+        def row(x: jax.Array) -> jax.Array:  # [slots, kv_heads, max_length, head_dim] -> [shards, ..., length, ...]
+            one = jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)[:, :, :length]
+            return jnp.broadcast_to(one, (self.shards, *one.shape[1:]))
+
+        with self._context():
+            return KVCache(tuple(map(row, cache.k)), tuple(map(row, cache.v)))
+
+    def _resize_fn(self, cache: KVCache, length: int) -> KVCache:
+        """A cache cut or zero-padded to `length` positions."""
+        def fit(x: jax.Array) -> jax.Array:
+            keep = min(x.shape[2], length)
+            return jnp.zeros((*x.shape[:2], length, x.shape[3]), x.dtype).at[:, :, :keep].set(x[:, :, :keep])
+
+        with self._context():
+            return KVCache(tuple(map(fit, cache.k)), tuple(map(fit, cache.v)))
+
+
+def _model(graphdef: Any, params: Any):
+    return nnx.merge(graphdef, params)
+
+
+def _draw(logits: jax.Array, rows: RowSampling, counter: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Each row's next token from logits [batch, vocab] (its `counter`-th draw; default the first), and its
+    log-probability under the model (before temperature and filters, as the decode loop reports it)."""
+    counter = jnp.zeros(logits.shape[0], jnp.int32) if counter is None else counter
+    token = sample(processed_logprobs(logits, rows), row_keys(rows, counter))
+    raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return token, jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0]
