@@ -31,9 +31,9 @@ from jax.sharding import Mesh
 
 from infer.decode import bucket, place_params, prefill_logits
 from infer.sampling import InferenceError, RowSampling, SamplingParams, processed_logprobs, row_keys, sample
-from model.cache import KVCache, cache_bytes, cache_sharding, init_cache
+from model.cache import CACHE_AXES, KVCache, cache_bytes, cache_sharding, init_cache
 from model.config import ModelConfig
-from model.sharding import DEFAULT_RULES, Rules, activation_sharding, check_divisible, named_sharding
+from model.sharding import DEFAULT_RULES, Rules, activation_sharding, check_divisible, constrain, named_sharding
 
 MIN_BUCKET = 16  # the shortest prompt bucket and cache a prefill makes
 
@@ -63,10 +63,10 @@ class Prefill:
 
 @dataclasses.dataclass
 class Step:
-    """What one generate step drew, per slot (numpy, fetched from the device)."""
+    """What one generate step drew, per slot."""
 
-    tokens: np.ndarray  # [slots] int32
-    logprobs: np.ndarray  # [slots] float32
+    tokens: np.ndarray  # [slots] int32, fetched from the device
+    logprobs: jax.Array  # [slots] float32, left on the device (fetch it when needed)
 
 
 class Engine:
@@ -102,10 +102,9 @@ class Engine:
             self.layer_params, self.head = split(params)
         self.params = dict(params, layers=jax.tree.map(self._placeholder, params["layers"]))
         self.traces = {"prefill": 0, "generate": 0, "insert": 0}  # how often each function was traced
-        self._prefill = jax.jit(self._prefill_fn, static_argnames=("chunk",), donate_argnames=("cache",))
-        self._first = jax.jit(_draw)
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("length", "chunk"), donate_argnames=("cache",))
         self._insert = jax.jit(self._insert_fn, donate_argnames=("state",))
-        self._generate = jax.jit(self._generate_fn, donate_argnames=("state",))
+        self._generate = jax.jit(self._generate_fn, static_argnames=("visible",), donate_argnames=("state",))
         self._extract = jax.jit(self._extract_fn, static_argnames=("length",))
         self._resize = jax.jit(self._resize_fn, static_argnames=("length",))
 
@@ -127,18 +126,15 @@ class Engine:
         width = min(bucket(new, MIN_BUCKET), length)
         tokens = np.zeros((self.shards, width), np.int32)
         tokens[:, :new] = prompt[start:]
-        if reuse is None:
-            cache = self._new_cache(self.shards, length)
-        else:
-            cache = self._resize(reuse[0], length=length)
-        rows = RowSampling.from_params([params] * self.shards, self.shards)
-        if self.mesh is not None:
-            rows = jax.device_put(rows, named_sharding(self.mesh, ("batch",), self.rules))
-        logits, cache = self._prefill(self.params, self.layer_params, self._put(tokens, ("batch", "length")),
-                                      self._put(np.full(self.shards, start, np.int32), ("batch",)),
-                                      self._put(np.full(self.shards, new, np.int32), ("batch",)), cache,
-                                      chunk=min(self.prefill_chunk, width))
-        token, logprob = jax.device_get(self._first(logits, rows))
+        cache = None if reuse is None else self._resize(reuse[0], length=length)
+        sampling = tuple(self._put(x, ("batch",)) for x in RowSampling.host_arrays([params] * self.shards,
+                                                                                   self.shards))
+        token, logprob, cache, rows = self._prefill(
+            self.params, self.layer_params, self._put(tokens, ("batch", "length")),
+            self._put(np.full(self.shards, start, np.int32), ("batch",)),
+            self._put(np.full(self.shards, new, np.int32), ("batch",)), cache, sampling,
+            length=length, chunk=min(self.prefill_chunk, width))
+        token, logprob = jax.device_get((token, logprob))
         return Prefill(cache, n, int(token[0]), float(logprob[0]), rows, start)
 
     def insert(self, prefill: Prefill, state: SlotState, slot: int) -> SlotState:
@@ -148,11 +144,15 @@ class Engine:
         return self._insert(state, prefill.cache, prefill.rows, jnp.int32(prefill.token), jnp.int32(prefill.length),
                             jnp.int32(slot))
 
-    def generate(self, state: SlotState) -> tuple[SlotState, Step]:
-        """One decode step for every slot: feed each slot's token, draw the next."""
-        state, tokens, logprobs = self._generate(self.params, self.layer_params, self.head, state)
-        tokens, logprobs = jax.device_get((tokens, logprobs))
-        return state, Step(np.asarray(tokens), np.asarray(logprobs))
+    def generate(self, state: SlotState, longest: int | None = None) -> tuple[SlotState, Step]:
+        """One decode step for every slot: feed each slot's token, draw the next.
+
+        longest: the most tokens any busy slot holds after this step (its cache plus the token fed);
+        attention then reads only the first cache_bucket(longest) positions, so a step's cost follows the
+        busy sequences' lengths, not max_length (one compiled step per bucket). Default: all positions."""
+        visible = self.max_length if longest is None else self.cache_bucket(longest)
+        state, tokens, logprobs = self._generate(self.params, self.layer_params, self.head, state, visible=visible)
+        return state, Step(np.asarray(jax.device_get(tokens)), logprobs)
 
     # ------------------------------------------------------------------ around them
 
@@ -166,6 +166,17 @@ class Engine:
         if self.mesh is not None:
             state = state.replace(rows=jax.device_put(rows, named_sharding(self.mesh, ("batch",), self.rules)))
         return state
+
+    def warm_up(self) -> None:
+        """Compile the generate step for every attention length and a short prefill and insert, so the
+        first requests do not wait for the compiler."""
+        state = self.insert(self.prefill([0], SamplingParams(max_new_tokens=1)), self.init_state(), 0)
+        length = MIN_BUCKET
+        while True:
+            state, _ = self.generate(state, length)
+            if length >= self.max_length:
+                break
+            length = min(2 * length, self.max_length)
 
     def extract(self, state: SlotState, slot: int, length: int) -> KVCache:
         """The KV of a slot's first `length` positions (bucketed), shaped like a Prefill's cache: what the
@@ -213,10 +224,19 @@ class Engine:
         return jax.jit(lambda: init_cache(self.config, batch, length),
                        out_shardings=cache_sharding(self.config, self.mesh, self.rules))()
 
-    def _prefill_fn(self, params, layer_params, tokens, starts, lengths, cache, chunk):
+    def _prefill_fn(self, params, layer_params, tokens, starts, lengths, cache, sampling, length, chunk):
+        """One call: a zero cache of `length` positions (unless `cache` is given, holding reused KV), the
+        prompt run into it, the first token drawn. -> (tokens, log-probs, cache, the rows' RowSampling)."""
         self.traces["prefill"] += 1
         with self._context():
-            return prefill_logits(_model(self.graphdef, params), tokens, starts, lengths, cache, chunk, layer_params)
+            if cache is None:
+                cache = init_cache(self.config, tokens.shape[0], length)
+                cache = KVCache(*(tuple(constrain(x, CACHE_AXES) for x in kv) for kv in (cache.k, cache.v)))
+            rows = RowSampling.build(*sampling)
+            logits, cache = prefill_logits(_model(self.graphdef, params), tokens, starts, lengths, cache, chunk,
+                                           layer_params)
+            token, logprob = _draw(logits, rows)
+            return token, logprob, cache, rows
 
     def _insert_fn(self, state: SlotState, cache: KVCache, rows: RowSampling, token, length, slot) -> SlotState:
         self.traces["insert"] += 1
@@ -229,12 +249,12 @@ class Engine:
                              lengths=state.lengths.at[slot].set(length), generated=state.generated.at[slot].set(1),
                              rows=jax.tree.map(lambda a, b: a.at[slot].set(b[0]), state.rows, rows))
 
-    def _generate_fn(self, params, layer_params, head, state: SlotState):
+    def _generate_fn(self, params, layer_params, head, state: SlotState, visible: int):
         self.traces["generate"] += 1
         with self._context():
             model = _model(self.graphdef, params)
             hidden, cache = model.with_cache(state.tokens[:, None], state.lengths[:, None], state.cache,
-                                             layer_params=layer_params)
+                                             layer_params=layer_params, visible=visible)
             tokens, logprobs = _draw(model.logits(hidden, head)[:, 0], state.rows, state.generated)
             state = state.replace(cache=cache, tokens=tokens, generated=state.generated + 1,
                                   lengths=jnp.minimum(state.lengths + 1, self.max_length))

@@ -18,6 +18,8 @@ class ServingMetrics:
                                 ["reason"], registry=r)
         self.prompt_tokens = Counter("meshlm_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("meshlm_generation_tokens", "Tokens generated", registry=r)
+        self.steps = Counter("meshlm_engine_steps", "Generate steps run (one token for every busy slot)",
+                             registry=r)
         self.queue_depth = Gauge("meshlm_queue_depth", "Requests waiting for a slot", registry=r)
         self.slots_busy = Gauge("meshlm_slots_busy", "Slots holding a running request", registry=r)
         self.slots_total = Gauge("meshlm_slots", "Slots of the engine", registry=r)
@@ -27,6 +29,8 @@ class ServingMetrics:
         self.prefix_hits = Counter("meshlm_prefix_cache_hits", "Prompts that reused a cached prefix", registry=r)
         self.prefix_hit_tokens = Counter("meshlm_prefix_cache_hit_tokens", "Prompt tokens whose KV was reused",
                                          registry=r)
+        self.prefix_hit_rate = Gauge("meshlm_prefix_cache_hit_rate", "Share of looked-up prompts that reused a "
+                                     "cached prefix", registry=r)
         self.prefix_bytes = Gauge("meshlm_prefix_cache_bytes", "Device memory held by the prefix cache", registry=r)
         self.ttft = Histogram("meshlm_time_to_first_token_seconds", "Arrival to first token", registry=r,
                               buckets=LATENCY_BUCKETS)

@@ -81,15 +81,22 @@ class RowSampling:
 
     @staticmethod
     def from_params(params: list[SamplingParams], batch: int) -> RowSampling:
-        pad = SamplingParams(temperature=0.0)
-        rows = list(params) + [pad] * (batch - len(params))
-        return RowSampling(
-            temperature=jnp.asarray([p.temperature for p in rows], F32),
-            top_k=jnp.asarray([p.top_k for p in rows], jnp.int32),
-            top_p=jnp.asarray([p.top_p for p in rows], F32),
-            min_p=jnp.asarray([p.min_p for p in rows], F32),
-            keys=jax.vmap(jax.random.key)(jnp.asarray([p.seed for p in rows], jnp.uint32)),
-        )
+        return RowSampling.build(*RowSampling.host_arrays(params, batch))
+
+    @staticmethod
+    def host_arrays(params: list[SamplingParams], batch: int) -> tuple[np.ndarray, ...]:
+        """(temperature, top_k, top_p, min_p, seed) as numpy arrays [batch] (padding rows greedy): what
+        `build` turns into a RowSampling, inside a jitted function or outside."""
+        rows = list(params) + [SamplingParams(temperature=0.0)] * (batch - len(params))
+        return (np.asarray([p.temperature for p in rows], np.float32), np.asarray([p.top_k for p in rows], np.int32),
+                np.asarray([p.top_p for p in rows], np.float32), np.asarray([p.min_p for p in rows], np.float32),
+                np.asarray([p.seed for p in rows], np.uint32))
+
+    @staticmethod
+    @jax.jit
+    def build(temperature, top_k, top_p, min_p, seeds) -> RowSampling:
+        """One compiled call (per batch size) instead of a dispatch per field and an eager vmap for the keys."""
+        return RowSampling(temperature, top_k, top_p, min_p, jax.vmap(jax.random.key)(seeds))
 
 
 def processed_logprobs(logits: jax.Array, rows: RowSampling) -> jax.Array:

@@ -96,6 +96,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._heartbeat = time.monotonic()
         self._requests: dict[str, Request] = {}  # queued or running, by id
+        self.steps = 0  # generate steps run
 
     # ------------------------------------------------------------------ what clients call (any thread)
 
@@ -193,15 +194,18 @@ class Scheduler:
             for request, slot in batch:
                 self._admit(request, slot)
             admitted += len(batch)
-        running = self.busy
+        running = [r for r in self.slots if r is not None]
         if running:
+            longest = max(len(r.prompt) + len(r.generated) for r in running)  # with the token fed now
             try:
-                self.state, step = self.engine.generate(self.state)
+                self.state, step = self.engine.generate(self.state, longest)
             except Exception as error:
                 log.exception("generate failed")
                 self._fail([r for r in self.slots if r is not None], error, reset=True)
                 return True
             self._heartbeat = time.monotonic()
+            self.steps += 1
+            self.metrics.steps.inc()
             for slot, request in enumerate(self.slots):
                 if request is not None:
                     self._accept(request, int(step.tokens[slot]))
@@ -233,6 +237,7 @@ class Scheduler:
             if hit is not None:
                 self.metrics.prefix_hits.inc()
                 self.metrics.prefix_hit_tokens.inc(hit.length)
+            self.metrics.prefix_hit_rate.set(self.prefix_cache.hits / self.prefix_cache.lookups)
         try:
             prefill = self.engine.prefill(request.prompt, request.params,
                                           reuse=(hit.entry.cache, hit.length) if hit else None)

@@ -469,9 +469,9 @@ def build_serving(loaded: Any, metrics: ServingMetrics, *, model_name: str, slot
                   stuck_after: float = 120.0, chat_template: str | None = None, warm_up: bool = True,
                   engine: Any = None) -> Serving:
     """Engine and scheduler for a loaded model (infer.generate.load_model). max_length: prompt + completion
-    tokens per slot (default: the model's max_seq_len, at most 2048). With `warm_up`, the generate step and a
-    short prefill are compiled before the server says it is ready. `engine`: an Engine of this model to use
-    (its compiled functions too) instead of a new one."""
+    tokens per slot (default: the model's max_seq_len, at most 2048). With `warm_up`, the generate step (for
+    every attention length) and a short prefill are compiled before the server says it is ready. `engine`: an
+    Engine of this model to use (its compiled functions too) instead of a new one."""
     from infer.engine import Engine
 
     tokenizer = loaded.tokenizer
@@ -481,9 +481,7 @@ def build_serving(loaded: Any, metrics: ServingMetrics, *, model_name: str, slot
         max_length = max_length or min(loaded.config.max_seq_len, 2048)
         engine = Engine(loaded.config, loaded.graphdef, loaded.params, slots=slots, max_length=max_length, mesh=mesh)
     if warm_up:
-        state = engine.init_state()
-        state = engine.insert(engine.prefill([tokenizer.eos_id], SamplingParams(max_new_tokens=1)), state, 0)
-        engine.generate(state)
+        engine.warm_up()
     end_of_turn = [i for i in (tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|eot_id|>")) if i is not None]
     scheduler = Scheduler(engine, tokenizer, max_queue=max_queue, batching=batching,
                           prefix_cache_bytes=prefix_cache_bytes, static_wait=static_wait, stuck_after=stuck_after,

@@ -179,11 +179,12 @@ class LayerCache:
     """The whole KVCache seen from one layer (a static index): the layer writes its new keys and
     values at each row's slots and reads its own arrays; the other layers' arrays pass through."""
 
-    def __init__(self, cache: KVCache, layer: int, starts: jax.Array):
+    def __init__(self, cache: KVCache, layer: int, starts: jax.Array, visible: int | None = None):
         self.cache, self.layer, self.starts = cache, layer, starts  # starts [batch]: each row's first new slot
+        self.visible = visible  # attention reads the first `visible` slots (default: all)
 
     def at(self, layer: int) -> LayerCache:
-        return LayerCache(self.cache, layer, self.starts)
+        return LayerCache(self.cache, layer, self.starts, self.visible)
 
     def write(self, k: jax.Array, v: jax.Array) -> LayerCache:
         """k, v [batch, length, kv_heads, head_dim] into slots starts[b] .. starts[b] + length - 1."""
@@ -195,10 +196,13 @@ class LayerCache:
             updated = old.at[rows, :, slots].set(new.astype(old.dtype), mode="drop")
             return arrays[:self.layer] + (updated,) + arrays[self.layer + 1:]
 
-        return LayerCache(KVCache(put(self.cache.k, k), put(self.cache.v, v)), self.layer, self.starts)
+        return LayerCache(KVCache(put(self.cache.k, k), put(self.cache.v, v)), self.layer, self.starts, self.visible)
 
     def keys_values(self) -> tuple[jax.Array, jax.Array]:
-        return (constrain(self.cache.k[self.layer], CACHE_AXES), constrain(self.cache.v[self.layer], CACHE_AXES))
+        k, v = self.cache.k[self.layer], self.cache.v[self.layer]
+        if self.visible is not None and self.visible < k.shape[2]:
+            k, v = k[:, :, :self.visible], v[:, :, :self.visible]
+        return constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
 
 
 class MLP(nnx.Module):
@@ -278,7 +282,7 @@ class Transformer(nnx.Module):
         return self.logits(x)
 
     def with_cache(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-                   layer_params: list | None = None) -> tuple[jax.Array, KVCache]:
+                   layer_params: list | None = None, visible: int | None = None) -> tuple[jax.Array, KVCache]:
         """Run new tokens against a KV cache: (hidden states [batch, length, act_embed], updated cache).
 
         tokens, positions [batch, length]: row b's tokens sit at slots positions[b] (consecutive,
@@ -287,14 +291,17 @@ class Transformer(nnx.Module):
         The layers run as a Python loop (static layer indices: each layer reads and updates its own
         cache arrays in place; compile time grows with n_layers). layer_params: `self.layer_params()`;
         a decode loop makes it once, outside the loop, instead of slicing the stacked weights per step.
+        visible: attend over the cache's first `visible` slots only (every position of these tokens must be
+        below it): a batch whose rows are short need not read a long cache.
         """
-        slots = jnp.arange(cache.length)
+        visible = cache.length if visible is None else min(visible, cache.length)
+        slots = jnp.arange(visible)
         mask = slots[None, None, :] <= positions[:, :, None]  # [batch, length, cache_length]
         if layer_params is None:
             layer_params = self.layer_params()
         graphdef = nnx.split(self.layers)[0]
         x = self.embed(tokens)
-        view = LayerCache(cache, 0, positions[:, 0].astype(jnp.int32))
+        view = LayerCache(cache, 0, positions[:, 0].astype(jnp.int32), visible)
         for layer, params in enumerate(layer_params):
             x, view = nnx.merge(graphdef, params)(x, positions, mask, view.at(layer))
         return x, view.cache

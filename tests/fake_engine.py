@@ -47,6 +47,7 @@ class FakeEngine:
         self.fail_next_generate = False
         self.bad_reuse: list[tuple] = []  # reuses whose cached tokens were not the prompt's prefix
         self.calls = {"prefill": 0, "insert": 0, "generate": 0}
+        self.longest: list[int | None] = []  # what each generate call was told the longest sequence holds
 
     def init_state(self) -> dict:
         return {}
@@ -69,8 +70,9 @@ class FakeEngine:
         state[slot] = (list(prefill.cache.tokens), prefill.token, prefill.rows.seed)
         return state
 
-    def generate(self, state: dict) -> tuple[dict, Step]:
+    def generate(self, state: dict, longest: int | None = None) -> tuple[dict, Step]:
         self.calls["generate"] += 1
+        self.longest.append(longest)
         if self.fail_next_generate:
             self.fail_next_generate = False
             raise RuntimeError("generate failed on purpose")

@@ -74,7 +74,8 @@ def test_batched_serving_equals_each_request_alone(engine, reference, batching):
     tokens, _ = serve(engine, work, batching=batching, static_wait=0.0)
     for got, expected, (_, params) in zip(tokens, reference(work), work, strict=True):
         assert strip(got, params) == expected
-    assert engine.traces["generate"] == 1  # one compiled step serves every mix of requests and both batchings
+    # one compiled step per attention length (16, 32, 64, 128 positions) serves every mix of requests
+    assert engine.traces["generate"] <= 4
 
 
 def test_prefix_cache_hits_give_the_same_tokens(engine, reference):

@@ -37,9 +37,9 @@ def drain(scheduler: Scheduler, limit: int = 1000) -> list[tuple[int, int]]:
     """Step until nothing is left; (busy slots, queued requests) at each generate step."""
     busy, generate = [], scheduler.engine.generate
 
-    def counted(state):
+    def counted(state, longest=None):
         busy.append((scheduler.busy, len(scheduler.queue)))
-        return generate(state)
+        return generate(state, longest)
 
     scheduler.engine.generate = counted
     try:
@@ -220,6 +220,7 @@ def test_prefix_cache_reuses_shared_prompts_and_earlier_turns():
     assert engine.bad_reuse == []
     metrics = scheduler.metrics.exposition().decode()
     assert "meshlm_prefix_cache_hits_total 2.0" in metrics and "meshlm_prefix_cache_lookups_total 3.0" in metrics
+    assert "meshlm_prefix_cache_hit_rate 0.666" in metrics
 
 
 def test_prefix_cache_lookup_eviction_and_superseded_entries():

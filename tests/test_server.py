@@ -241,9 +241,9 @@ def test_32_concurrent_streams_complete_and_equal_their_whole_texts(server):
 def _slow(scheduler, seconds: float):
     generate = scheduler.engine.generate
 
-    def slow(state):
+    def slow(state, longest=None):
         time.sleep(seconds)
-        return generate(state)
+        return generate(state, longest)
 
     scheduler.engine.generate = slow
     return generate
@@ -265,6 +265,14 @@ def test_a_client_that_disconnects_frees_its_slot(server):
             time.sleep(0.02)
         assert scheduler.busy == 0
         assert server.metric('meshlm_requests_total{outcome="cancelled"}') == cancelled + 1
+        # a client that gives up on a non-streamed request (its timeout closes the connection)
+        with pytest.raises(httpx.ReadTimeout):
+            server.http.post("/v1/completions", json={**body, "stream": False}, timeout=0.3)
+        deadline = time.monotonic() + 10
+        while scheduler.busy and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert scheduler.busy == 0
+        assert server.metric('meshlm_requests_total{outcome="cancelled"}') == cancelled + 2
     finally:
         scheduler.engine.generate = fast
 
