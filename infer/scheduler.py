@@ -287,6 +287,8 @@ class Scheduler:
     def _finish(self, request: Request, reason: str, text: str = "", token_ids: list[int] | None = None,
                 error: str | None = None) -> None:
         """The request's last event; its slot is freed (and its sequence kept in the prefix cache)."""
+        self.metrics.requests.labels(reason).inc()  # before the slot is seen free
+        self.metrics.e2e.observe(time.monotonic() - request.arrived)
         if request.slot is not None:
             if reason != "error" and len(request.generated) > 1:
                 # the KV of the prompt and every generated token but the last (never fed) is in the slot
@@ -297,8 +299,6 @@ class Scheduler:
             self.metrics.slots_busy.set(self.busy)
         with self._cv:
             self._requests.pop(request.id, None)
-        self.metrics.requests.labels(reason).inc()
-        self.metrics.e2e.observe(time.monotonic() - request.arrived)
         self._emit(request, Event(text=text, token_ids=token_ids or [], finish_reason=reason, error=error))
 
     def _fail(self, requests: list[Request], error: Exception, reset: bool = False) -> None:

@@ -45,6 +45,7 @@ from infer.scheduler import Event, Overloaded, Request, Scheduler
 log = logging.getLogger("meshlm.serve")
 
 MAX_STOP = 8  # stop strings per request
+DISCONNECT_POLL = 0.5  # seconds between checks that the client of a non-streamed request is still there
 
 
 @dataclasses.dataclass
@@ -348,17 +349,19 @@ class Server:
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return EventSourceResponse(self._stream(serving, job, events, shape, usage), ping=15)
-        text, last = [], None
+        text, last, checked = [], None, time.monotonic()
         while last is None:
             try:
-                event = await asyncio.wait_for(events.get(), 0.5)
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL)
+                text.append(event.text)
+                last = event if event.finish_reason else None
             except TimeoutError:
+                pass
+            if last is None and time.monotonic() - checked >= DISCONNECT_POLL:  # has the client gone away?
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     serving.scheduler.cancel(job.id)
                     return Response(status_code=499)
-                continue
-            text.append(event.text)
-            last = event if event.finish_reason else None
         if last.finish_reason == "error":
             raise ApiError(500, f"generation failed: {last.error}", kind="server_error")
         return JSONResponse(shape.whole("".join(text), last))

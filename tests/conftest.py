@@ -1,11 +1,25 @@
-"""Every test session sees 8 simulated CPU devices: the flag must be set before JAX is imported."""
+"""Every test session sees 8 simulated CPU devices: the flag must be set before JAX is imported.
 
+Compiled programs go to a persistent compilation cache in a fresh directory for this session (inherited
+by the `meshlm` processes the tests start): many tests compile the same programs (the tiny train step in
+a dozen training processes, one engine's step in several servers), and a cache hit skips the compiler.
+The directory is new for every session, so nothing carries over from an earlier run.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 from model.runtime import set_xla_flags
 
 set_xla_flags(cpu_devices=8)  # and the XLA:CPU flags the CLI uses, so tests run what users run
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="meshlm-test-jax-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
 

@@ -254,7 +254,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
     fast = _slow(scheduler, 0.05)
     try:
         cancelled = server.metric('meshlm_requests_total{outcome="cancelled"}')
-        body = {"model": "tiny", "prompt": "def main():", "max_tokens": 100, "stream": True}
+        body = {"model": "tiny", "prompt": "def main():", "max_tokens": 100, "stream": True, "ignore_eos": True}
         with server.http.stream("POST", "/v1/completions", json=body) as response:
             for line in response.iter_lines():
                 if line.startswith("data:"):
@@ -268,7 +268,7 @@ def test_a_client_that_disconnects_frees_its_slot(server):
         # a client that gives up on a non-streamed request (its timeout closes the connection)
         with pytest.raises(httpx.ReadTimeout):
             server.http.post("/v1/completions", json={**body, "stream": False}, timeout=0.3)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10  # the server looks for a disconnect every 0.5 s
         while scheduler.busy and time.monotonic() < deadline:
             time.sleep(0.02)
         assert scheduler.busy == 0
@@ -389,6 +389,13 @@ def test_sigterm_drains_in_flight_streams_then_exits(tokenizer_file, tmp_path):
         for t in threads:
             t.start()
         first.wait(60)
+        while True:  # every request received (queued, running or done): a request still being sent is not in
+            metrics = httpx.get(url + "/metrics").text  # flight, and a closing server may drop it
+            received = sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(
+                ("meshlm_queue_depth ", "meshlm_slots_busy ", 'meshlm_requests_total{outcome="length"}')))
+            if received == 12:
+                break
+            assert time.monotonic() < deadline
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
