@@ -317,12 +317,12 @@ def test_health_while_loading_failing_and_stuck(loaded, engine):
         release.set()
         running.wait_ready()
         scheduler = running.state.serving.scheduler
-        fast = _slow(scheduler, 1.0)
+        fast = _slow(scheduler, 2.0)
         try:
             waiting = threading.Thread(target=running.http.post, args=("/v1/completions",),
                                        kwargs={"json": {"model": "tiny", "prompt": "x", "max_tokens": 2}})
             waiting.start()
-            time.sleep(0.6)
+            time.sleep(0.8)
             stuck = running.http.get("/health")
             assert stuck.status_code == 503 and "stuck" in stuck.json()["detail"]
             waiting.join(30)
