@@ -68,7 +68,36 @@ class Generation:
     text: str | None = None
 
 
-class Decoder:
+class OnMesh:
+    """What a Decoder and an Engine share: a model config laid out on an optional mesh by a rules table."""
+
+    config: ModelConfig
+    mesh: Mesh | None
+    rules: Rules
+
+    @property
+    def batch_shards(self) -> int:
+        """Devices the batch is split over (data x fsdp); 1 without a mesh."""
+        if self.mesh is None:
+            return 1
+        return math.prod(self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape)
+
+    def _context(self):
+        return activation_sharding(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+
+    def _put(self, x: np.ndarray | jax.Array, axes: tuple[str, ...]):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, named_sharding(self.mesh, axes, self.rules))
+
+    def _new_cache(self, batch: int, length: int) -> KVCache:
+        if self.mesh is None:
+            return init_cache(self.config, batch, length)
+        return jax.jit(lambda: init_cache(self.config, batch, length),
+                       out_shardings=cache_sharding(self.config, self.mesh, self.rules))()
+
+
+class Decoder(OnMesh):
     """Prefill + on-device decode for one model, on one device or a mesh.
 
     graphdef, params: `nnx.split(model)`'s graph and a parameter dict (e.g. from `restore_params`).
@@ -86,9 +115,6 @@ class Decoder:
         self._decode = jax.jit(self._decode_fn, static_argnames=("n_top",), donate_argnames=("state",))
 
     # ------------------------------------------------------------------ compiled pieces
-
-    def _context(self):
-        return activation_sharding(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
 
     def _prefill_fn(self, params, tokens, lengths, cache, chunk):
         """tokens [batch, prompt_bucket] (right-padded), lengths [batch] -> (next-token logits, cache)."""
@@ -135,17 +161,9 @@ class Decoder:
     # ------------------------------------------------------------------ host side
 
     def _batch_bucket(self, n: int) -> int:
-        size = bucket(n)
-        if self.mesh is not None:
-            shards = math.prod(self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape)
-            size = max(size, shards)
-            size = -(-size // shards) * shards
-        return size
-
-    def _put(self, x: np.ndarray | jax.Array, axes: tuple[str, ...]):
-        if self.mesh is None:
-            return jnp.asarray(x)
-        return jax.device_put(x, named_sharding(self.mesh, axes, self.rules))
+        shards = self.batch_shards
+        size = max(bucket(n), shards)
+        return -(-size // shards) * shards
 
     def check(self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], truncate: bool = False,
               extra: int = 0) -> list[list[int]]:
@@ -222,12 +240,6 @@ class Decoder:
         if self.mesh is not None:
             rows = jax.device_put(rows, named_sharding(self.mesh, ("batch",), self.rules))
         return state, rows
-
-    def _new_cache(self, batch: int, length: int) -> KVCache:
-        if self.mesh is None:
-            return init_cache(self.config, batch, length)
-        return jax.jit(lambda: init_cache(self.config, batch, length),
-                       out_shardings=cache_sharding(self.config, self.mesh, self.rules))()
 
     def decode(self, state: DecodeState, rows: RowSampling, steps: int) -> DecodeState:
         """Up to `steps` more decode iterations (fewer when every row is done)."""

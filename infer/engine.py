@@ -16,9 +16,7 @@ mesh has batch shards, so it is laid out like the batch; row 0 is the one that i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,11 +27,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from infer.decode import bucket, place_params, prefill_logits
+from infer.decode import OnMesh, bucket, place_params, prefill_logits
 from infer.sampling import InferenceError, RowSampling, SamplingParams, processed_logprobs, row_keys, sample
-from model.cache import CACHE_AXES, KVCache, cache_bytes, cache_sharding, init_cache
+from model.cache import CACHE_AXES, KVCache, cache_bytes, init_cache
 from model.config import ModelConfig
-from model.sharding import DEFAULT_RULES, Rules, activation_sharding, check_divisible, constrain, named_sharding
+from model.sharding import DEFAULT_RULES, Rules, check_divisible, constrain, named_sharding
 
 MIN_BUCKET = 16  # the shortest prompt bucket and cache a prefill makes
 
@@ -69,7 +67,7 @@ class Step:
     logprobs: jax.Array  # [slots] float32, left on the device (fetch it when needed)
 
 
-class Engine:
+class Engine(OnMesh):
     """Prefill, insert and generate for one model, on one device or a mesh.
 
     slots: sequences decoded together (rounded up to a multiple of the mesh's batch shards);
@@ -86,9 +84,7 @@ class Engine:
             raise InferenceError(f"max_length must be an integer in [2, {config.max_seq_len}] (the model's "
                                  f"max_seq_len), got {max_length!r}")
         self.config, self.graphdef, self.mesh, self.rules = config, graphdef, mesh, rules
-        self.shards = 1
-        if mesh is not None:
-            self.shards = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+        self.shards = self.batch_shards
         self.slots = -(-slots // self.shards) * self.shards
         self.max_length, self.prefill_chunk = max_length, prefill_chunk
         if mesh is not None:
@@ -206,23 +202,9 @@ class Engine:
 
     # ------------------------------------------------------------------ compiled pieces
 
-    def _context(self):
-        return activation_sharding(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
-
     def _placeholder(self, x: jax.Array) -> jax.Array:
         empty = np.zeros((0,), x.dtype)
         return jax.device_put(empty) if self.mesh is None else jax.device_put(empty, named_sharding(self.mesh, ()))
-
-    def _put(self, x: np.ndarray, axes: tuple[str, ...]) -> jax.Array:
-        if self.mesh is None:
-            return jnp.asarray(x)
-        return jax.device_put(x, named_sharding(self.mesh, axes, self.rules))
-
-    def _new_cache(self, batch: int, length: int) -> KVCache:
-        if self.mesh is None:
-            return init_cache(self.config, batch, length)
-        return jax.jit(lambda: init_cache(self.config, batch, length),
-                       out_shardings=cache_sharding(self.config, self.mesh, self.rules))()
 
     def _prefill_fn(self, params, layer_params, tokens, starts, lengths, cache, sampling, length, chunk):
         """One call: a zero cache of `length` positions (unless `cache` is given, holding reused KV), the

@@ -28,7 +28,7 @@ from typing import Any
 from infer.engine import Engine
 from infer.generate import TextStream
 from infer.metrics import ServingMetrics
-from infer.prefix_cache import PrefixCache
+from infer.prefix_cache import BLOCK, PrefixCache
 from infer.sampling import InferenceError, SamplingParams
 
 log = logging.getLogger("meshlm.serve")
@@ -312,15 +312,11 @@ class Scheduler:
             self.state = self.engine.init_state()
 
     def _keep(self, tokens: list[int], cache: Any) -> None:
-        """Offer a sequence's KV to the prefix cache (`cache` may be a function making it, called only if
-        the cache would keep it)."""
-        if self.prefix_cache is None:
+        """Offer a sequence's KV to the prefix cache (`cache` may be a function making it, called only for
+        a sequence long enough to keep)."""
+        if self.prefix_cache is None or len(tokens) < BLOCK:
             return
         if callable(cache):
-            from infer.prefix_cache import BLOCK
-
-            if len(tokens) < BLOCK:
-                return
             cache = cache()
         self.prefix_cache.add(tokens, cache, self.engine.cache_bytes(cache.length))
         self.metrics.prefix_bytes.set(self.prefix_cache.bytes)
