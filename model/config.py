@@ -15,6 +15,8 @@ import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "save_dots")
+# How a model is executed, not what it is: checkpoints written before the split stored these with the architecture.
+EXECUTION_FIELDS = ("compute_dtype", "remat", "scan_unroll", "pipeline_microbatches", "pipeline_virtual_stages")
 
 
 class ConfigError(ValueError):
@@ -107,6 +109,19 @@ class ModelConfig:
     @property
     def q_per_kv(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+    @staticmethod
+    def from_dict(values: dict[str, Any]) -> ModelConfig:
+        """The architecture stored as a plain dict (a checkpoint's layout, a config file); rope_scaling may be
+        a dict. Execution fields that older checkpoints stored (`EXECUTION_FIELDS`) are dropped: how a model
+        runs is not part of what it is. Any other unknown key is a ConfigError naming it."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a model config must be a mapping of field names to values, got {values!r}")
+        known = _field_names()
+        for name in values:
+            if name not in known and name not in EXECUTION_FIELDS:
+                raise ConfigError(_unknown_message("ModelConfig field", name, known))
+        return ModelConfig(**{name: value for name, value in values.items() if name in known})
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again); unknown fields are an error."""
