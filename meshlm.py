@@ -50,7 +50,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from flax import nnx
 
     from data.loader import split_rows
-    from data.pipeline import PrepareConfig, prepare, store_tokenizer
+    from data.pipeline import PrepareConfig, prepare
     from data.store import open_store
     from model import get_preset, make_mesh, parse_mesh
     from model.placement import abstract_model
@@ -91,12 +91,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, seed {args.seed}"
     print(f"\n== 4. sample ({how}; the KV-cache decode loop, as `meshlm generate --checkpoint {config.run_dir}`)")
     from infer.decode import Decoder
-    from infer.generate import generate, load_checkpoint
+    from infer.generate import generate, model_tokenizer
     from infer.sampling import SamplingParams
+    from model.load import load_model
 
-    tokenizer = store_tokenizer(store)
-    model_config, graphdef, params = load_checkpoint(config.run_dir)
-    decoder = Decoder(model_config, graphdef, params)
+    loaded = load_model(checkpoint=config.run_dir)
+    tokenizer = model_tokenizer(loaded)  # the store's, recorded in the checkpoint
+    decoder = Decoder(loaded.config, loaded.graphdef, loaded.params)
     [result] = generate(decoder, [args.prompt], tokenizer, SamplingParams(
         max_new_tokens=args.new_tokens, temperature=args.temperature, seed=args.seed,
         stop_token_ids=(tokenizer.eos_id,)))
@@ -111,10 +112,13 @@ def jax_devices_summary() -> str:
 
 
 def _load(args: argparse.Namespace, mesh=None):
-    from infer.generate import load_model
+    from data.tokenizer import load_tokenizer
+    from model.load import load_model
 
-    return load_model(checkpoint=args.checkpoint, gguf=args.gguf, hf=args.hf, model=args.model,
-                      tokenizer=args.tokenizer, mesh=mesh, preset=getattr(args, "preset", None))
+    preset = getattr(args, "preset", None)  # random weights: the vocabulary is the tokenizer's
+    vocab_size = load_tokenizer(args.tokenizer).vocab_size if preset and args.tokenizer else None
+    return load_model(checkpoint=args.checkpoint, gguf=args.gguf, hf=args.hf, model=args.model, preset=preset,
+                      tokenizer=args.tokenizer, vocab_size=vocab_size, mesh=mesh)
 
 
 def _sampling(args: argparse.Namespace, tokenizer, extra_stop_ids=()):
@@ -131,22 +135,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import time
 
     from infer.decode import Decoder
-    from infer.generate import generate, load_checkpoint, stream_text
-    from infer.sampling import InferenceError
+    from infer.generate import generate, model_tokenizer, stream_text
     from model import make_mesh, parse_mesh
+    from model.load import load_model
 
     mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
     loaded = _load(args, mesh)
-    if loaded.tokenizer is None:
-        raise InferenceError(f"{loaded.source} comes without a tokenizer meshlm reads: pass --tokenizer "
-                             "(a .gguf file, a .tiktoken file, cl100k_base or o200k_base)")
-    config, tokenizer = loaded.config, loaded.tokenizer
+    config, tokenizer = loaded.config, model_tokenizer(loaded)
     decoder = Decoder(config, loaded.graphdef, loaded.params, mesh=mesh)
     sampling = _sampling(args, tokenizer)
     draft = None
     if args.draft:
-        draft_config, draft_graphdef, draft_params = load_checkpoint(args.draft, mesh=mesh)
-        draft = Decoder(draft_config, draft_graphdef, draft_params, mesh=mesh)
+        drafted = load_model(checkpoint=args.draft, mesh=mesh)
+        draft = Decoder(drafted.config, drafted.graphdef, drafted.params, mesh=mesh)
     print(f"meshlm generate: {config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size} "
           f"from {loaded.source}" + (f"; draft {args.draft}, {args.draft_tokens} tokens per round" if draft else ""),
           file=sys.stderr)
@@ -174,14 +175,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive chat in the terminal: the model's chat template, replies streamed as they are made."""
     from infer.decode import Decoder
-    from infer.generate import render_chat, stream_text
+    from infer.generate import model_tokenizer, render_chat, stream_text
     from infer.sampling import InferenceError
 
     loaded = _load(args)
-    if loaded.tokenizer is None or not loaded.chat_template:
-        raise InferenceError(f"{loaded.source} has no chat template (and tokenizer): chat needs a GGUF "
+    if not loaded.chat_template:
+        raise InferenceError(f"{loaded.source} has no chat template: chat needs a GGUF "
                              "file or a checkpoint converted from one")
-    tokenizer = loaded.tokenizer
+    tokenizer = model_tokenizer(loaded)
     decoder = Decoder(loaded.config, loaded.graphdef, loaded.params)
     end_of_turn = [i for i in (tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|eot_id|>")) if i is not None]
     sampling = _sampling(args, tokenizer, end_of_turn)
@@ -207,7 +208,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Weights from one format to another: GGUF / Hugging Face -> meshlm checkpoint, checkpoint -> Hugging Face."""
-    from infer.generate import convert_to_checkpoint
+    from model.load import convert_to_checkpoint
 
     loaded = _load(args)
     if args.to == "checkpoint":
@@ -345,9 +346,9 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_data_show(args: argparse.Namespace) -> int:
     """What a token store holds: its metadata, stage counts and the first rows decoded."""
-    from data.pipeline import store_tokenizer
     from data.report import StageStats, format_table
     from data.store import open_store
+    from data.tokenizer import store_tokenizer
 
     store = open_store(args.store)
     meta = store.metadata

@@ -25,11 +25,10 @@ from data.errors import DataError
 from data.pack import Packer
 from data.report import StageStats, format_table, timed
 from data.sources import STDLIB, load_documents
-from data.store import StoreWriter, TokenStore, open_store
-from data.tokenizer import OFFICIAL, Tokenizer, load_tokenizer, sidecar_path, train_bpe
+from data.store import StoreWriter
+from data.tokenizer import OFFICIAL, STORE_TOKENIZER_DIR, Tokenizer, load_tokenizer, sidecar_path, train_bpe
 
 BPE_PREFIX = "bpe:"
-TOKENIZER_DIR = "tokenizer"
 REPORT_FILE = "report.json"
 
 
@@ -234,7 +233,7 @@ def _tokenizer_files(tokenizer: Tokenizer, config: PrepareConfig) -> dict[str, b
     files = {}
     for path in (tokenizer.source, sidecar_path(tokenizer.source)):
         with open(path, "rb") as f:
-            files[f"{TOKENIZER_DIR}/{os.path.basename(path)}"] = f.read()
+            files[f"{STORE_TOKENIZER_DIR}/{os.path.basename(path)}"] = f.read()
     return files
 
 
@@ -266,27 +265,6 @@ def _require_documents(docs: datasets.Dataset, stats: StageStats, config: Prepar
 def tokenizer_record(tokenizer: Tokenizer, stored_as: str | None) -> dict:
     return {"name": tokenizer.name, "hash": tokenizer.file_hash, "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id, "file": stored_as}
-
-
-def store_tokenizer(store: TokenStore | str) -> Tokenizer:
-    """The tokenizer a store was written with: official ones by name, trained ones from the store's own files
-    (unpacked once into $MESHLM_CACHE, default ~/.cache/meshlm)."""
-    store = open_store(store) if isinstance(store, str) else store
-    record = store.metadata["tokenizer"]
-    if not record.get("file"):
-        tokenizer = load_tokenizer(record["name"])
-    else:
-        cache = os.environ.get("MESHLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "meshlm"))
-        directory = os.path.join(cache, "tokenizers", record["hash"])
-        os.makedirs(os.path.join(directory, TOKENIZER_DIR), exist_ok=True)
-        for name in (record["file"], f"{TOKENIZER_DIR}/{os.path.basename(sidecar_path(record['file']))}"):
-            with open(os.path.join(directory, name), "wb") as f:
-                f.write(store.read_file(name))
-        tokenizer = load_tokenizer(os.path.join(directory, record["file"]))
-    if tokenizer.file_hash != record["hash"]:
-        raise DataError(f"{store.path} was written with tokenizer {record['name']} (sha256 {record['hash']}) "
-                        f"but {tokenizer.name} now has sha256 {tokenizer.file_hash}; re-run prepare")
-    return tokenizer
 
 
 def prepare(config: PrepareConfig, verbose: bool = True) -> dict[str, Any]:

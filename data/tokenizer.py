@@ -79,6 +79,7 @@ GGUF_PRE = {
 GGUF_CONTROL_TYPES = (3, 4)  # tokenizer.ggml.token_type: CONTROL, USER_DEFINED -> special tokens
 
 SIDECAR_FORMAT = "meshlm-bpe/1"
+STORE_TOKENIZER_DIR = "tokenizer"  # a token store keeps the files of a trained tokenizer in this folder
 SPLIT_CHECK_CHARS = 1_000_000  # how much of the training text checks that both libraries split it alike
 
 
@@ -189,10 +190,12 @@ class Tokenizer:
 
 
 def load_tokenizer(name_or_path: str) -> Tokenizer:
-    """"cl100k_base", "o200k_base", the path of a `.tiktoken` file written by `train_bpe`, or of a GGUF model
-    file (its own tokenizer)."""
+    """"cl100k_base", "o200k_base", the path of a `.tiktoken` file written by `train_bpe`, of a GGUF model
+    file (its own tokenizer), or of a token store (the tokenizer it was written with: `store_tokenizer`)."""
     if name_or_path in OFFICIAL:
         tokenizer = Tokenizer(name_or_path)
+    elif _is_store(name_or_path):
+        return store_tokenizer(name_or_path)
     elif os.path.isfile(name_or_path):
         tokenizer = Tokenizer(os.path.abspath(name_or_path))
     elif name_or_path.endswith(".tiktoken") or os.sep in name_or_path:
@@ -204,6 +207,37 @@ def load_tokenizer(name_or_path: str) -> Tokenizer:
             "or the path of a trained .tiktoken file (written by train_bpe)"
         )
     tokenizer._enc()  # fail here, not at first use
+    return tokenizer
+
+
+def _is_store(path: str) -> bool:
+    from data.store import METADATA_FILE
+
+    return "://" in path or os.path.isfile(os.path.join(path, METADATA_FILE))
+
+
+def store_tokenizer(store: Any) -> Tokenizer:
+    """The tokenizer a token store (a data.store.TokenStore or its path) was written with: official ones by
+    name, trained ones from the store's own files (unpacked once into $MESHLM_CACHE, default ~/.cache/meshlm).
+    Reads only the store's metadata and files: no dataset library is imported."""
+    from data.store import open_store
+
+    store = open_store(store) if isinstance(store, str) else store
+    record = store.metadata["tokenizer"]
+    if not record.get("file"):
+        tokenizer = load_tokenizer(record["name"])
+    else:
+        cache = os.environ.get("MESHLM_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "meshlm"))
+        directory = os.path.join(cache, "tokenizers", record["hash"])
+        os.makedirs(os.path.join(directory, STORE_TOKENIZER_DIR), exist_ok=True)
+        sidecar = f"{STORE_TOKENIZER_DIR}/{os.path.basename(sidecar_path(record['file']))}"
+        for name in (record["file"], sidecar):
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(store.read_file(name))
+        tokenizer = load_tokenizer(os.path.join(directory, record["file"]))
+    if tokenizer.file_hash != record["hash"]:
+        raise DataError(f"{store.path} was written with tokenizer {record['name']} (sha256 {record['hash']}) "
+                        f"but {tokenizer.name} now has sha256 {tokenizer.file_hash}; re-run prepare")
     return tokenizer
 
 

@@ -37,7 +37,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from infer.generate import render_chat
+from infer.generate import model_tokenizer, render_chat
 from infer.metrics import ServingMetrics
 from infer.sampling import InferenceError, SamplingParams
 from infer.scheduler import Event, Overloaded, Request, Scheduler
@@ -471,15 +471,13 @@ def build_serving(loaded: Any, metrics: ServingMetrics, *, model_name: str, slot
                   prefix_cache_bytes: int = 256 << 20, max_queue: int = 64, static_wait: float = 1.0,
                   stuck_after: float = 120.0, chat_template: str | None = None, warm_up: bool = True,
                   engine: Any = None) -> Serving:
-    """Engine and scheduler for a loaded model (infer.generate.load_model). max_length: prompt + completion
+    """Engine and scheduler for a loaded model (model.load.load_model). max_length: prompt + completion
     tokens per slot (default: the model's max_seq_len, at most 2048). With `warm_up`, the generate step (for
     every attention length) and a short prefill are compiled before the server says it is ready. `engine`: an
     Engine of this model to use (its compiled functions too) instead of a new one."""
     from infer.engine import Engine
 
-    tokenizer = loaded.tokenizer
-    if tokenizer is None:
-        raise InferenceError(f"{loaded.source} comes without a tokenizer meshlm reads: pass --tokenizer")
+    tokenizer = model_tokenizer(loaded)
     if engine is None:
         max_length = max_length or min(loaded.config.max_seq_len, 2048)
         engine = Engine(loaded.config, loaded.graphdef, loaded.params, slots=slots, max_length=max_length, mesh=mesh)

@@ -5,7 +5,7 @@ A checkpoint directory holds one folder per step; each step is an Orbax composit
     <directory>/<step>/
         params/      the parameters: an Orbax PyTree (OCDBT + zarr); every process writes its own shards
         layout/      JSON: format, version, layer stacking, each parameter's shape, dtype and logical axes, the
-                     ModelConfig (`layout_metadata`)
+                     ModelConfig, the tokenizer and chat template (`layout_metadata`)
         checksums/   JSON: a fingerprint of every array, checked after a restore (Orbax does not notice flipped
                      bytes inside a compressed chunk)
         opt_state/ train_meta/ loader/ config/   added by train/checkpoint.py
@@ -78,11 +78,14 @@ def _flatten(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[st
     return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
 
 
-def layout_metadata(config: ModelConfig, abstract_params: dict, logical_axes: dict) -> dict:
+def layout_metadata(config: ModelConfig, abstract_params: dict, logical_axes: dict, tokenizer: str | None = None,
+                    chat_template: str | None = None) -> dict:
     """JSON-able description of how `config`'s parameters are laid out: what a checkpoint must match.
 
     abstract_params: nested dict of arrays or ShapeDtypeStructs; logical_axes: the same nesting with a tuple
-    of logical axis names per parameter (what `nnx.to_pure_dict` gives for both).
+    of logical axis names per parameter (what `nnx.to_pure_dict` gives for both). tokenizer (a description
+    data.tokenizer.load_tokenizer reads) and chat_template (Jinja text) say how the model's text is written;
+    they are recorded, never compared (model.load.checkpoint_metadata reads them).
     """
     shapes = _flatten(abstract_params)
     axes = _flatten(logical_axes, is_leaf=lambda x: isinstance(x, tuple))
@@ -92,7 +95,8 @@ def layout_metadata(config: ModelConfig, abstract_params: dict, logical_axes: di
               for path, leaf in shapes.items()}
     stacked = any(names[:1] == (LAYER_AXIS,) for names in axes.values())
     layout = {"format": FORMAT, "version": FORMAT_VERSION, "stacking": "stacked" if stacked else "unstacked",
-              "layer_axis": LAYER_AXIS, "params": params, "model_config": dataclasses.asdict(config)}
+              "layer_axis": LAYER_AXIS, "params": params, "model_config": dataclasses.asdict(config),
+              "tokenizer": tokenizer, "chat_template": chat_template}
     return json.loads(json.dumps(layout))  # tuples -> lists: compares equal to what a checkpoint reads back
 
 

@@ -46,7 +46,7 @@ def load(name: str):
         config = get_preset("tiny").replace(max_seq_len=1024)
         graphdef, params = nnx.split(init_model(config, seed=0))
         return config, graphdef, params
-    from infer.generate import load_model
+    from model.load import load_model
 
     loaded = load_model(model=name)
     return loaded.config, loaded.graphdef, loaded.params

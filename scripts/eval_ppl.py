@@ -58,13 +58,14 @@ def main() -> int:
     import numpy as np
     from flax import nnx
 
-    from infer.generate import load_model
+    from data.tokenizer import load_tokenizer
+    from model.load import load_model
 
     loaded = load_model(checkpoint=args.checkpoint, gguf=args.gguf, hf=args.hf, model=args.model,
                         tokenizer=args.tokenizer)
     if loaded.tokenizer is None:
         parser.error(f"{loaded.source} has no tokenizer meshlm reads: pass --tokenizer")
-    ids = held_out_ids(loaded.tokenizer, args.max_tokens)
+    ids = held_out_ids(load_tokenizer(loaded.tokenizer), args.max_tokens)
     window = min(args.window, loaded.config.max_seq_len)
     n_windows = len(ids) // window
     if n_windows == 0:

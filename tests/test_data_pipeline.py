@@ -12,10 +12,10 @@ import pytest
 from data.clean import FilterConfig, clean_text, quality_reason
 from data.errors import DataError
 from data.pack import PAD_ID, pack, positions_from_segments
-from data.pipeline import PrepareConfig, prepare, store_tokenizer
+from data.pipeline import PrepareConfig, prepare
 from data.sources import load_documents
 from data.store import open_store
-from data.tokenizer import load_tokenizer
+from data.tokenizer import load_tokenizer, store_tokenizer
 
 datasets.disable_progress_bars()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

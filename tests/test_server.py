@@ -16,11 +16,12 @@ import openai
 import pytest
 import uvicorn
 
-from data.tokenizer import train_bpe
+from data.tokenizer import load_tokenizer, train_bpe
 from infer.decode import Decoder
-from infer.generate import generate, load_model
+from infer.generate import generate, model_tokenizer
 from infer.sampling import SamplingParams
 from infer.server import ServerOptions, build_serving, create_app
+from model.load import load_model
 
 KEY = "sk-test-key"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -36,7 +37,7 @@ def tokenizer_file(stdlib_texts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(tokenizer_file):
-    return load_model(preset="tiny", tokenizer=tokenizer_file)
+    return load_model(preset="tiny", tokenizer=tokenizer_file, vocab_size=load_tokenizer(tokenizer_file).vocab_size)
 
 
 class Running:
@@ -109,7 +110,7 @@ def test_openai_client_streams_and_not_equal_the_decode_loop(server, loaded):
     streamed = "".join(chunk.choices[0].text for chunk in pieces)
     assert streamed == whole.choices[0].text
     # the independent reference: the on-device decode loop with the same sampling
-    tokenizer = loaded.tokenizer
+    tokenizer = model_tokenizer(loaded)
     decoder = Decoder(loaded.config, loaded.graphdef, loaded.params)
     params = SamplingParams(max_new_tokens=24, temperature=0.8, seed=7, stop_token_ids=(tokenizer.eos_id,))
     [reference] = generate(decoder, [tokenizer.encode(prompt, special=True)], tokenizer, params)

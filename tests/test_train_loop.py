@@ -107,7 +107,7 @@ def test_init_from_starts_a_new_run_from_another_checkpoint(tmp_path, store):
     import jax
     import numpy as np
 
-    from infer.generate import load_checkpoint
+    from model.load import load_model
 
     source = _train(tmp_path / "source", store, "train.steps=10")
     assert source.returncode == 0, source.stderr
@@ -116,8 +116,8 @@ def test_init_from_starts_a_new_run_from_another_checkpoint(tmp_path, store):
     assert tuned.returncode == 0, tuned.stderr
     assert "parameters from" in tuned.stdout and "new, 1 steps" in tuned.stdout
     assert _losses(tmp_path / "tuned")[1] < _losses(tmp_path / "source")[1] - 0.5  # it starts where the source ended
-    _, _, want = load_checkpoint(str(tmp_path / "source"))
-    _, _, got = load_checkpoint(str(tmp_path / "tuned"))
+    want = load_model(checkpoint=str(tmp_path / "source")).params
+    got = load_model(checkpoint=str(tmp_path / "tuned")).params
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-10)
 

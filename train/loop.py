@@ -30,8 +30,9 @@ import yaml
 
 from data.loader import Loader
 from data.store import open_store
-from model.checkpoint import checkpoint_dir, layout_metadata, restore_params
+from model.checkpoint import layout_metadata
 from model.config import flops_per_token
+from model.load import load_params
 from model.pipeline import bubble_fraction
 from model.sharding import make_mesh
 from train.checkpoint import Checkpointer
@@ -135,15 +136,17 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     _check_data(config, store)
     steps = build_steps(config.model, config.optim, config.schedule, config.train.steps, mesh,
                         config.train.batch_size, config.train.microbatches)
-    layout = layout_metadata(config.model, steps.abstract_state.params, steps.logical_axes)
+    # every step records its tokenizer: the token store's (data.tokenizer.load_tokenizer reads a store's path)
+    store_path = config.data.store if "://" in config.data.store else os.path.abspath(config.data.store)
+    layout = layout_metadata(config.model, steps.abstract_state.params, steps.logical_axes, tokenizer=store_path)
     checkpointer = Checkpointer(os.path.join(config.run_dir, "checkpoints"), keep=config.checkpoint.keep,
                                 every=config.checkpoint.every, async_save=config.checkpoint.async_save)
     restored = checkpointer.restore_latest(steps.abstract_state, layout)
     if restored is None:
         state, loader_state = steps.init(config.train.seed), None
-        if config.train.init_from:
-            source = checkpoint_dir(config.train.init_from)
-            state = state.replace(params=restore_params(source, steps.abstract_state.params, layout=layout))
+        if config.train.init_from:  # a checkpoint, a GGUF file, a Hugging Face directory or a packaged model
+            source = config.train.init_from
+            state = state.replace(params=load_params(source, steps.abstract_state.params, layout))
             log(f"run {config.run_dir}: parameters from {source}")
         log(f"run {config.run_dir}: new, {config.train.steps} steps on mesh {dict(mesh.shape)}")
     else:
