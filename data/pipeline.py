@@ -88,10 +88,6 @@ def _bpe_vocab(spec: str) -> int:
 # ----------------------------------------------------------------------------- stages
 
 
-def _nbytes(texts: list[str]) -> int:
-    return sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-
-
 def _clean_batch(batch: dict) -> dict:
     texts, reasons = [], []
     for raw in batch["raw"]:

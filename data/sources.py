@@ -11,11 +11,14 @@ valid text, so a bad file is counted, never a crash).
 from __future__ import annotations
 
 import glob
+import json
+import logging
 import os
 import sysconfig
 from collections.abc import Iterator
 
 import datasets
+import pyarrow
 
 from data.errors import DataError
 
@@ -65,22 +68,70 @@ def _from_items(items: list[str], root: str | None = None) -> datasets.Dataset:
 
 
 def _records(files: list[str], builder: str, text_field: str) -> datasets.Dataset:
-    table = datasets.load_dataset(builder, data_files=files, split="train")
+    # the builder logs its own account of a bad file; the DataError below names the file (and line) instead
+    quiet = logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        table = datasets.load_dataset(builder, data_files=files, split="train")
+    except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowException) as error:
+        raise DataError(_unreadable(files, builder, error)) from error
+    finally:
+        quiet.setLevel(level)
     name = os.path.basename(files[0]) if len(files) == 1 else f"{len(files)} {builder} files"
     return _records_from_table(table, name, text_field)
 
 
+def _unreadable(files: list[str], builder: str, error: Exception) -> str:
+    """Why `datasets` could not read record files: the file, line and problem of the first bad JSON line
+    found (`datasets` reports only pyarrow's row within a block), else what pyarrow said."""
+    if builder == "json":
+        for path in files:
+            problem = _first_bad_json_line(path)
+            if problem:
+                return f"{path}: {problem}"
+    cause = error.__cause__ or error
+    return f"{', '.join(files) if len(files) <= 3 else f'{len(files)} {builder} files'}: not readable as " \
+           f"{builder} records ({cause})"
+
+
+def _first_bad_json_line(path: str) -> str | None:
+    """'line N: ...' for the first line of a JSON-lines file that is not a JSON object (blank lines are
+    allowed), or for a whole-file JSON document that does not parse; None when every line reads."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        json.loads(data)
+        return None  # one JSON document (a .json file): its shape is pyarrow's complaint
+    except ValueError:
+        pass
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except UnicodeDecodeError as e:
+            return f"line {number}: not UTF-8 text ({e.reason} at byte {e.start})"
+        except json.JSONDecodeError as e:
+            return f"line {number}: not valid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+        if not isinstance(record, dict):
+            return f"line {number}: a JSON {type(record).__name__}, not an object; each line must be one JSON object"
+    return None
+
+
 def _expand(spec: str) -> list[str]:
     """A file, a directory (searched recursively) or a glob -> the files it names."""
+    known = TEXT_SUFFIXES + tuple(RECORD_SUFFIXES)
     if os.path.isdir(spec):
         candidates = glob.glob(os.path.join(spec, "**", "*"), recursive=True)
     elif os.path.isfile(spec):
+        if not spec.endswith(known):
+            raise DataError(f"{spec}: the sources read {', '.join(known)} files (and a directory or glob of them)")
         return [spec]
     else:
         candidates = glob.glob(spec, recursive=True)
         if not candidates:
             raise DataError(f"no such file, directory or glob match: {spec!r}")
-    known = TEXT_SUFFIXES + tuple(RECORD_SUFFIXES)
     return sorted(f for f in candidates if os.path.isfile(f) and f.endswith(known))
 
 

@@ -106,10 +106,6 @@ class PrefixCache:
             self.index.setdefault(h, OrderedDict())[key] = None
         return True
 
-    def clear(self) -> None:
-        for key in list(self.entries):
-            self._remove(key)
-
     def __len__(self) -> int:
         return len(self.entries)
 

@@ -162,8 +162,9 @@ def _validation_error(error: ValidationError) -> ApiError:
 class Server:
     """The app's state: options, the loaded model (once ready), rate limits and metrics."""
 
-    def __init__(self, load: Callable[[ServingMetrics], Serving], options: ServerOptions):
-        self.load, self.options = load, options
+    def __init__(self, load: Callable[[ServingMetrics], Serving], options: ServerOptions,
+                 on_load_error: Callable[[Exception], None] | None = None):
+        self.load, self.options, self.on_load_error = load, options, on_load_error
         self.metrics = ServingMetrics()
         self.http = Counter("meshlm_http_responses", "HTTP responses by path and status", ["path", "status"],
                             registry=self.metrics.registry)
@@ -179,8 +180,11 @@ class Server:
             self.serving.scheduler.start()
             log.info("ready: %s", self.serving.model_name)
         except Exception as error:
-            log.exception("loading the model failed")
             self.load_error = f"{type(error).__name__}: {error}"
+            if self.on_load_error is not None:  # the owner ends the server and reports the error
+                self.on_load_error(error)
+            else:  # the server goes on answering 503 with the error
+                log.exception("loading the model failed")
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -427,12 +431,15 @@ def _usage(event: Event) -> dict:
             "prompt_tokens_details": {"cached_tokens": event.cached_tokens}}
 
 
-def create_app(load: Callable[[ServingMetrics], Serving], options: ServerOptions | None = None) -> Starlette:
-    """The ASGI app. `load(metrics)` builds the Serving (model, engine, scheduler) on a background thread."""
+def create_app(load: Callable[[ServingMetrics], Serving], options: ServerOptions | None = None,
+               on_load_error: Callable[[Exception], None] | None = None) -> Starlette:
+    """The ASGI app. `load(metrics)` builds the Serving (model, engine, scheduler) on a background thread;
+    while it runs, requests get 503. If it fails, `on_load_error(error)` is called on that thread (`meshlm
+    serve` stops the server and exits with the error); without one, requests get 503 naming the error."""
     # sse-starlette ends open streams when uvicorn receives SIGTERM; a draining server lets them finish
     # (uvicorn waits for open connections, up to its graceful-shutdown timeout)
     AppStatus.disable_automatic_graceful_drain()
-    server = Server(load, options or ServerOptions())
+    server = Server(load, options or ServerOptions(), on_load_error)
 
     async def api_error(request: HttpRequest, error: ApiError) -> Response:
         return JSONResponse(error_body(error.message, error.kind, error.param), error.status, headers=error.headers)

@@ -40,6 +40,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
+from model.errors import ModelError
 from model.placement import param_layout
 from model.sharding import DEFAULT_RULES, Rules
 
@@ -57,7 +58,7 @@ SHOWN_PATHS = 10  # missing / extra parameter paths listed in an error before "a
 T = TypeVar("T")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModelError):
     """A checkpoint that does not fit the model restoring it, or none that can be read."""
 
 

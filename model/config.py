@@ -13,13 +13,15 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from model.errors import ModelError
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "save_dots")
 # How a model is executed, not what it is: checkpoints written before the split stored these with the architecture.
 EXECUTION_FIELDS = ("compute_dtype", "remat", "scan_unroll", "pipeline_microbatches", "pipeline_virtual_stages")
 
 
-class ConfigError(ValueError):
+class ConfigError(ModelError):
     """A configuration value that cannot describe a working model."""
 
 

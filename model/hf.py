@@ -18,9 +18,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from model.config import ConfigError, ModelConfig, RopeScaling
+from model.errors import ModelError
 
 
-class WeightsError(ValueError):
+class WeightsError(ModelError):
     """Weights that cannot be read as a meshlm model: what is wrong, and with which tensor or field."""
 
 

@@ -33,10 +33,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from model.errors import ModelError
 from model.sharding import constrain
 
 
-class PipelineError(ValueError):
+class PipelineError(ModelError):
     """A pipeline that cannot be scheduled: layers that do not split into stages, too few microbatches."""
 
 

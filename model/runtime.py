@@ -8,6 +8,9 @@ library's allocator is chosen when the process starts. Nothing here imports JAX.
   every step; glibc returns such large blocks to the kernel on free, so every step page-faults
   them in again (a quarter of a CPU training step here). tcmalloc keeps them mapped.
   `MESHLM_ALLOCATOR=system` turns this off; `MESHLM_ALLOCATOR=/path/lib.so` picks a library.
+- `set_compile_cache`: JAX's persistent compilation cache, so that a program compiled once (a train
+  step, a server's decode step for each length bucket) is read from disk by the next process instead
+  of compiled again. Per user by default ($XDG_CACHE_HOME/meshlm/jax), or $JAX_COMPILATION_CACHE_DIR.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,reduce",)
 # XLA aborts on a flag it does not know, and experimental flags come and go: CPU_FLAGS are set only
 # with the jaxlib versions they were checked with.
 CPU_FLAGS_JAXLIB = ("0.10.",)
+# JAX's persistent compilation cache: the variables JAX reads when it is imported (and processes started
+# from this one inherit)
+CACHE_DIR_ENV = "JAX_COMPILATION_CACHE_DIR"
+CACHE_ENABLED_ENV = "JAX_ENABLE_COMPILATION_CACHE"
+CACHE_MIN_SECS_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+# JAX's default keeps only programs that took a second or more to compile; a server's smaller programs
+# (a short prefill, sampling) would then be compiled on every start. Reading an entry takes milliseconds.
+CACHE_MIN_COMPILE_SECS = 0.1
 TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 LIBRARY_DIRS = ("/usr/lib/*-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
@@ -89,3 +100,35 @@ def preload_allocator() -> str | None:
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     return library  # not reached
+
+
+def default_compile_cache_dir() -> str:
+    """The per-user directory of compiled programs: $XDG_CACHE_HOME/meshlm/jax, else ~/.cache/meshlm/jax."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "meshlm", "jax")
+
+
+def set_compile_cache(directory: str | None = None, enabled: bool = True) -> str | None:
+    """Keep compiled programs in JAX's persistent compilation cache: in `directory`, else in
+    $JAX_COMPILATION_CACHE_DIR when set (the tests set one per session), else in default_compile_cache_dir().
+    `enabled=False` turns the cache off, even where $JAX_COMPILATION_CACHE_DIR is set. Programs that compile
+    in under CACHE_MIN_COMPILE_SECS are not kept (unless $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS says
+    otherwise). Must run before the first compile: before JAX is imported it sets the environment variables
+    JAX reads at import, after that JAX's config. Returns the directory in use, None when off."""
+    if not enabled:
+        settings: dict[str, str] = {CACHE_ENABLED_ENV: "false"}
+        found = None
+    else:
+        found = os.path.abspath(os.path.expanduser(directory or os.environ.get(CACHE_DIR_ENV)
+                                                   or default_compile_cache_dir()))
+        settings = {CACHE_ENABLED_ENV: "true", CACHE_DIR_ENV: found,
+                    CACHE_MIN_SECS_ENV: os.environ.get(CACHE_MIN_SECS_ENV, str(CACHE_MIN_COMPILE_SECS))}
+    os.environ.update(settings)
+    if "jax" in sys.modules:
+        import jax
+
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        if found is not None:
+            jax.config.update("jax_compilation_cache_dir", found)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", float(settings[CACHE_MIN_SECS_ENV]))
+    return found

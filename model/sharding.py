@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from model.errors import ModelError
+
 # Outermost to innermost: `tensor` last, so it lands on the closest devices.
 MESH_AXES = ("data", "stage", "fsdp", "tensor")
 
@@ -45,7 +47,7 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 }
 
 
-class ShardingError(ValueError):
+class ShardingError(ModelError):
     """A mesh or rules table that cannot lay out a tensor."""
 
 

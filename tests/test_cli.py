@@ -61,3 +61,69 @@ def test_bad_input_is_a_clear_error():
     assert result.returncode == 2 and "unknown model preset 'llama-9000'" in result.stderr
     result = run("train", "model.preset=tiny", "mesh.data=3", "mesh.fsdp=1")
     assert result.returncode == 2 and "needs 3 devices but 8 are available" in result.stderr
+
+
+def _one_line_error(result, *fragments):
+    """Bad input: exit status 2 and one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and last.startswith("meshlm "), result.stderr
+    for fragment in fragments:
+        assert fragment in last, result.stderr
+
+
+def test_bad_command_line_input_is_one_line(tmp_path):
+    """Arguments that cannot work end the command before anything starts; bad source files name the problem."""
+    result = run("serve", "--preset", "tiny", "--tokenizer", "cl100k_base", "--port", "99999")
+    _one_line_error(result, "--port: 99999 is out of range", "at most 65535")
+    assert len(result.stderr.strip().splitlines()) == 1
+    _one_line_error(run("serve", "--preset", "tiny", "--tokenizer", "cl100k_base", "--slots", "0"),
+                    "--slots: 0 is out of range")
+    # the model source is checked before the port is bound: no server starts
+    nosuch = run("serve", "--model", "nosuch")
+    _one_line_error(nosuch, "no packaged weights for 'nosuch'")
+    assert "Uvicorn running" not in nosuch.stderr
+    _one_line_error(run("serve", "--gguf", str(tmp_path / "missing.gguf")), "missing.gguf: no such GGUF file")
+    _one_line_error(run("serve", "--preset", "tiny"), "--preset (random weights) needs --tokenizer")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a document"}\n{"text": oops}\n')
+    _one_line_error(run("data", "prepare", "--out", str(tmp_path / "store"), "--source", str(bad)),
+                    "bad.jsonl: line 2: not valid JSON")
+    csv = tmp_path / "x.csv"
+    csv.write_text("a,b\n")
+    _one_line_error(run("data", "prepare", "--out", str(tmp_path / "store"), "--source", str(csv)),
+                    "x.csv: the sources read .txt, .jsonl, .json, .parquet files")
+
+
+def test_serve_exits_when_the_model_fails_to_load(tmp_path):
+    """A load that fails after the port is bound ends the process with the error in one line, exit status 2
+    (an orchestrator sees a process that exits, not a server answering 503 forever)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = run("serve", "--preset", "tiny", "--tokenizer", str(tmp_path / "nosuch.tiktoken"), "--port", str(port))
+    _one_line_error(result, "nosuch.tiktoken")
+    assert "Uvicorn running" in result.stderr  # it failed after binding the port
+
+
+def test_user_errors_have_one_base_class_per_package():
+    """The CLI catches each package's base class: renaming an error class keeps its one-line message."""
+    import meshlm
+    from data.errors import DataError
+    from infer.sampling import InferenceError
+    from model.checkpoint import CheckpointError
+    from model.config import ConfigError
+    from model.errors import ModelError
+    from model.hf import WeightsError
+    from model.pipeline import PipelineError
+    from model.sharding import ShardingError
+    from train.config import TrainConfigError
+    from train.errors import TrainError
+    from train.loop import TrainingStopped
+
+    assert all(issubclass(c, ModelError) for c in (ConfigError, ShardingError, CheckpointError, WeightsError,
+                                                   PipelineError))
+    assert issubclass(TrainConfigError, TrainError) and issubclass(TrainingStopped, TrainError)
+    assert set(meshlm._user_errors()) == {DataError, ModelError, TrainError, InferenceError}

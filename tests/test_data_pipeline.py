@@ -208,3 +208,29 @@ def test_cli_prepare_and_show(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "meshlm", "data", "prepare", "--out", out + "2", "--source",
                               str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "no such file, directory or glob match" in missing.stderr
+
+
+def test_unreadable_source_files_name_the_file_and_the_problem(tmp_path):
+    """A record file that datasets/pyarrow cannot read, or a file of an extension no source reads, is a
+    DataError naming the file (and for JSON lines, the line); the CLI prints it as one line."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n\n{"text": oops}\n{"text": "fine"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl: line 3: not valid JSON \(Expecting value at column 10\)"):
+        load_documents(str(bad))
+    not_objects = tmp_path / "list.jsonl"
+    not_objects.write_text('{"text": "fine"}\n[1, 2]\n')
+    with pytest.raises(DataError, match="list.jsonl: line 2: a JSON list, not an object"):
+        load_documents(str(not_objects))
+    parquet = tmp_path / "broken.parquet"
+    parquet.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match="broken.parquet: not readable as parquet records"):
+        load_documents(str(parquet))
+    csv = tmp_path / "table.csv"
+    csv.write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match=r"table.csv: the sources read .txt, .jsonl, .json, .parquet files"):
+        load_documents(str(csv))
+
+
+def test_filter_settings_are_data_errors():
+    with pytest.raises(DataError, match="min_chars"):
+        FilterConfig(min_chars=10, max_chars=5)

@@ -65,3 +65,48 @@ def test_allocator_reexecutes_once_with_tcmalloc_preloaded():
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["lib"] == find_tcmalloc() and result["mapped"]
+
+
+CACHE_VARS = ("JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+              "XDG_CACHE_HOME")
+COMPILE_AND_LIST = ("import os, sys\nfrom model.runtime import set_compile_cache\n"
+                    "found = set_compile_cache(*eval(sys.argv[1]))\nimport jax\n"
+                    "jax.jit(lambda x: jax.numpy.sin(x) @ x.T)(jax.numpy.ones((64, 64))).block_until_ready()\n"
+                    "print(found, jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)")
+
+
+def _compile(args: str, **env: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter that sets the cache with set_compile_cache(*args), then compiles one program."""
+    full_env = {k: v for k, v in os.environ.items() if k not in (*CACHE_VARS, "XLA_FLAGS")}
+    return subprocess.run([sys.executable, "-c", COMPILE_AND_LIST, args], cwd=ROOT,
+                          env={**full_env, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_compile_cache_is_per_user_by_default_and_overridable(tmp_path):
+    """Default: $XDG_CACHE_HOME/meshlm/jax; $JAX_COMPILATION_CACHE_DIR wins over it, a directory given wins over
+    both; enabled=False keeps nothing even with $JAX_COMPILATION_CACHE_DIR set. A compiled program lands there."""
+    xdg, env_dir, given = tmp_path / "xdg", tmp_path / "env", tmp_path / "given"
+    default = _compile("()", XDG_CACHE_HOME=str(xdg))
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.split() == [str(xdg / "meshlm" / "jax"), "True", str(xdg / "meshlm" / "jax")]
+    assert os.listdir(xdg / "meshlm" / "jax")  # the program was written
+    from_env = _compile("()", XDG_CACHE_HOME=str(xdg), JAX_COMPILATION_CACHE_DIR=str(env_dir))
+    assert from_env.stdout.split()[0] == str(env_dir) and os.listdir(env_dir)
+    explicit = _compile(f"({str(given)!r},)", JAX_COMPILATION_CACHE_DIR=str(env_dir))
+    assert explicit.stdout.split()[0] == str(given) and os.listdir(given)
+    off = _compile("(None, False)", XDG_CACHE_HOME=str(tmp_path / "unused"), JAX_COMPILATION_CACHE_DIR=str(env_dir))
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.split()[:2] == ["None", "False"]
+    assert not (tmp_path / "unused").exists()
+
+
+def test_compile_cache_after_jax_is_imported(tmp_path):
+    """Called once JAX is imported (before the first compile), it sets JAX's config instead."""
+    late = str(tmp_path / "late")
+    code = (f"import jax\nfrom model.runtime import set_compile_cache\nfound = set_compile_cache({late!r})\n"
+            "jax.jit(lambda x: x * 2 + 1)(jax.numpy.ones(8)).block_until_ready()\n"
+            "print(found == jax.config.jax_compilation_cache_dir)")
+    out = _run(code, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "True" and os.listdir(tmp_path / "late")

@@ -25,9 +25,10 @@ import yaml
 
 from model.config import ModelConfig, get_preset
 from model.pipeline import PipelineError, check_pipeline
+from train.errors import TrainError
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(TrainError, ValueError):
     """A run configuration that names something that does not exist or cannot work."""
 
 

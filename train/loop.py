@@ -37,6 +37,7 @@ from model.pipeline import bubble_fraction
 from model.sharding import make_mesh
 from train.checkpoint import Checkpointer
 from train.config import TrainConfig, TrainConfigError
+from train.errors import TrainError
 from train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
 from train.step import Steps, TrainState, build_steps
 
@@ -44,7 +45,7 @@ FAULT_ENV = "MESHLM_FAULT"  # fault injection for tests: kill_after_step:N | ter
 MAX_ROLLBACKS = 3
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(TrainError, RuntimeError):
     """The run stopped on purpose (non-finite values under the stop policy, or too many rollbacks)."""
 
 
