@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "model.config": ("PRESETS", "ConfigError", "ModelConfig", "RopeScaling", "flops_per_token", "get_preset",
-                     "param_count"),
+    "model.config": ("PRESETS", "ConfigError", "Execution", "ModelConfig", "RopeScaling", "flops_per_token",
+                     "get_preset", "param_count"),
     "model.loss": ("cross_entropy",),
     "model.placement": ("abstract_model", "init_model", "init_on_mesh", "place_on_mesh", "sharded_forward"),
     "model.sharding": ("DEFAULT_RULES", "MESH_AXES", "ShardingError", "activation_sharding", "constrain",

@@ -8,7 +8,7 @@ n_layers arrays rather than one stacked [layers, ...] array, in the layout the a
 - kv_heads before cache_length: each (row, kv head) is one contiguous [cache_length, head_dim]
   matrix, so the two attention dots batch over (row, kv head) without transposing the cache
   (with cache_length first, XLA transposes every layer's cache every step).
-On a batch-32 decode of smollm2-135m these two choices took the step from 190 to 136 ms.
+Both save a copy of every layer's cache at every decode step (measured in docs/BENCHMARKS.md, Inference).
 
 Slot j of a row holds the token at position j of that row, so a row's length is also where its
 next token goes, and "key j is visible from query position p" is simply j <= p: slots past a row's
@@ -20,6 +20,7 @@ activations.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.struct
 import jax
@@ -47,16 +48,15 @@ def cache_shape(config: ModelConfig, batch: int, length: int) -> tuple[int, ...]
     return (batch, config.n_kv_heads, length, config.head_dim)
 
 
-def init_cache(config: ModelConfig, batch: int, length: int, dtype=None) -> KVCache:
-    """An empty cache (zeros) in the compute dtype."""
+def init_cache(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache (zeros) in `dtype`: the run's compute dtype (`Execution.compute_jnp_dtype`)."""
     shape = cache_shape(config, batch, length)
-    dtype = dtype or config.compute_jnp_dtype
     layers = range(config.n_layers)
     return KVCache(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers))
 
 
-def cache_bytes(config: ModelConfig, batch: int, length: int, dtype=None) -> int:
-    dtype = jnp.dtype(dtype or config.compute_jnp_dtype)
+def cache_bytes(config: ModelConfig, batch: int, length: int, dtype: Any = jnp.float32) -> int:
+    dtype = jnp.dtype(dtype)
     return 2 * config.n_layers * math.prod(cache_shape(config, batch, length)) * dtype.itemsize
 
 

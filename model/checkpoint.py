@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import Mesh
 
-from model.config import ModelConfig
+from model.config import EXECUTION_FIELDS, ModelConfig
 from model.errors import ModelError
 from model.placement import param_layout
 from model.sharding import DEFAULT_RULES, Rules
@@ -49,10 +49,6 @@ FORMAT_VERSION = 1
 LAYER_AXIS = "layers"  # stacked layers: one array per parameter kind, layers on this leading logical axis
 PARAMS, LAYOUT, CHECKSUMS = "params", "layout", "checksums"  # Orbax item names; train/ adds its own
 COMMIT_MARKER = ocp.path.atomicity.COMMIT_SUCCESS_FILE  # "commit_success.txt"
-# ModelConfig fields that may differ between a checkpoint and the model restoring it: they change how the
-# parameters are used, not what they are.
-FREE_FIELDS = ("max_seq_len", "compute_dtype", "remat", "scan_unroll", "init_std", "pipeline_microbatches",
-               "pipeline_virtual_stages")
 SHOWN_PATHS = 10  # missing / extra parameter paths listed in an error before "and N more"
 
 T = TypeVar("T")
@@ -111,8 +107,12 @@ def _listed(paths: list[str]) -> str:
 
 
 def _config_differences(saved: dict, expected: dict) -> list[str]:
-    return [f"{name}: checkpoint {saved.get(name)!r}, model {value!r}" for name, value in expected.items()
-            if name not in FREE_FIELDS and saved.get(name) != value]
+    """Every ModelConfig field that differs. The execution fields that checkpoints written before the split
+    stored beside the architecture (EXECUTION_FIELDS) are not part of what a model is, and are passed over."""
+    old = set(EXECUTION_FIELDS) - set(expected)
+    names = [*expected, *(name for name in saved if name not in expected and name not in old)]
+    return [f"{name}: checkpoint {saved.get(name)!r}, model {expected.get(name)!r}" for name in names
+            if saved.get(name) != expected.get(name)]
 
 
 def _param_differences(saved: dict, expected: dict) -> list[str]:

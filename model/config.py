@@ -1,8 +1,11 @@
-"""Model configuration: one frozen dataclass, named presets, and the two numbers
-every run plans with — parameter count and FLOPs per token.
+"""Model configuration: what a model is (`ModelConfig`, the architecture), how a run executes it
+(`Execution`), named presets, and the two numbers every run plans with — parameter count and FLOPs
+per token.
 
-A config is checked when it is built, so a bad size fails here with the fields
-and values named, not later as a shape error inside a jitted function.
+A checkpoint stores the ModelConfig and must match it in full; the Execution is a setting of each run
+(train config, command-line flags) and is never stored with the parameters. Both are checked when
+they are built, so a bad size fails here with the fields and values named, not later as a shape
+error inside a jitted function.
 """
 
 from __future__ import annotations
@@ -17,8 +20,6 @@ from model.errors import ModelError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "save_dots")
-# How a model is executed, not what it is: checkpoints written before the split stored these with the architecture.
-EXECUTION_FIELDS = ("compute_dtype", "remat", "scan_unroll", "pipeline_microbatches", "pipeline_virtual_stages")
 
 
 class ConfigError(ModelError):
@@ -37,7 +38,10 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and numerics of a Llama-family decoder-only transformer."""
+    """The architecture of a Llama-family decoder-only transformer: what its parameters are.
+
+    init_std, the scale fresh parameters are drawn with, is kept here because it describes the parameters
+    a new model starts from; a checkpoint compares it like every other field."""
 
     vocab_size: int
     d_model: int
@@ -52,18 +56,11 @@ class ModelConfig:
     tie_embeddings: bool = False
     max_seq_len: int = 2048
     param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: str = "none"  # one of REMAT_POLICIES
-    scan_unroll: int = 1  # layers per iteration of the layer scan; n_layers unrolls it fully
     init_std: float = 0.02
-    pipeline_microbatches: int = 1  # with a `stage` mesh axis S > 1: microbatches per step (>= S)
-    pipeline_virtual_stages: int = 1  # layer chunks per stage: > 1 is the circular schedule
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # from YAML / JSON
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        if isinstance(self.remat, str):  # "save-dots" and "save_dots" both name the policy
-            object.__setattr__(self, "remat", self.remat.replace("-", "_"))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -88,29 +85,12 @@ class ModelConfig:
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(
-                    f"ModelConfig.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}"
-                )
-        for name in ("scan_unroll", "pipeline_microbatches", "pipeline_virtual_stages"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"ModelConfig.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.param_dtype not in DTYPES:
+            raise ConfigError(f"ModelConfig.param_dtype must be one of {sorted(DTYPES)}, got {self.param_dtype!r}")
 
     @property
     def param_jnp_dtype(self):
         return DTYPES[self.param_dtype]
-
-    @property
-    def compute_jnp_dtype(self):
-        return DTYPES[self.compute_dtype]
-
-    @property
-    def q_per_kv(self) -> int:
-        return self.n_heads // self.n_kv_heads
 
     @staticmethod
     def from_dict(values: dict[str, Any]) -> ModelConfig:
@@ -122,25 +102,73 @@ class ModelConfig:
         known = _field_names()
         for name in values:
             if name not in known and name not in EXECUTION_FIELDS:
-                raise ConfigError(_unknown_message("ModelConfig field", name, known))
+                raise ConfigError(unknown_message("ModelConfig field", name, known))
         return ModelConfig(**{name: value for name, value in values.items() if name in known})
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (validated again); unknown fields are an error."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise ConfigError(_unknown_message("ModelConfig field", sorted(unknown)[0], _field_names()))
+            raise ConfigError(unknown_message("ModelConfig field", sorted(unknown)[0], _field_names()))
         return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    """How a run executes a model, apart from what the model is: the same parameters run with any of these.
+
+    compute_dtype: the matmuls' dtype (parameters stay in ModelConfig.param_dtype; norms, softmax and logits
+    are float32). remat: what the backward pass recomputes per layer. scan_unroll: layers per iteration of the
+    layer scan (n_layers unrolls it fully). pipeline_*: the schedule on a mesh whose `stage` axis S is > 1.
+    """
+
+    compute_dtype: str = "float32"
+    remat: str = "none"  # one of REMAT_POLICIES
+    scan_unroll: int = 1
+    pipeline_microbatches: int = 1  # microbatches per step (>= S)
+    pipeline_virtual_stages: int = 1  # layer chunks per stage: > 1 is the circular schedule
+
+    def __post_init__(self):
+        if isinstance(self.remat, str):  # "save-dots" and "save_dots" both name the policy
+            object.__setattr__(self, "remat", self.remat.replace("-", "_"))
+        if self.compute_dtype not in DTYPES:
+            raise ConfigError(
+                f"Execution.compute_dtype must be one of {sorted(DTYPES)}, got {self.compute_dtype!r}"
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"Execution.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        for name in ("scan_unroll", "pipeline_microbatches", "pipeline_virtual_stages"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"Execution.{name} must be a positive integer, got {value!r}")
+
+    @property
+    def compute_jnp_dtype(self):
+        return DTYPES[self.compute_dtype]
+
+    def replace(self, **changes: Any) -> Execution:
+        """A copy with some fields changed (validated again); unknown fields are an error."""
+        valid = [f.name for f in dataclasses.fields(self)]
+        for name in changes:
+            if name not in valid:
+                raise ConfigError(unknown_message("Execution field", name, valid))
+        return dataclasses.replace(self, **changes)
+
+
+# How a model is executed, not what it is: checkpoints written before the split stored these with the architecture.
+EXECUTION_FIELDS = tuple(f.name for f in dataclasses.fields(Execution))
 
 
 def _field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(ModelConfig)]
 
 
-def _unknown_message(kind: str, name: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=3)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown {kind} {name!r}{hint} (valid: {', '.join(valid)})"
+def unknown_message(kind: str, name: str, valid: list[str], where: str = "") -> str:
+    """"unknown <kind> <where>'x'; did you mean 'y'? (valid: ...)": the one wording, for model and train
+    configs, of a name that does not exist."""
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(m) for m in close)}?" if close else ""
+    return f"unknown {kind} {where}{name!r}{hint} (valid: {', '.join(valid)})"
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -148,11 +176,10 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=128, max_seq_len=128
     ),
-    # The CPU demo: about 6.8M parameters. Its six layers run unrolled: on XLA:CPU that is about
-    # 12% faster than a loop (scan_unroll=1 keeps compile time flat for deep models).
+    # The CPU demo: about 6.8M parameters (its execution: PRESET_EXECUTION).
     "small": ModelConfig(
         vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=768,
-        tie_embeddings=True, max_seq_len=512, scan_unroll=6,
+        tie_embeddings=True, max_seq_len=512,
     ),
     "smollm2-135m": ModelConfig(
         vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, d_ff=1536,
@@ -174,10 +201,23 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# How a run executes a preset unless it says otherwise (others: Execution()). The demo's six layers run
+# unrolled: on XLA:CPU a loop slices the stacked weights per layer (docs/BENCHMARKS.md, training); deep
+# models keep scan_unroll=1, whose compile time does not grow with the layers.
+PRESET_EXECUTION: dict[str, Execution] = {"small": Execution(scan_unroll=6)}
+
+
+def preset_execution(name: str) -> Execution:
+    """The execution a run of preset `name` starts from (train config, `meshlm demo`)."""
+    if name not in PRESETS:
+        raise ConfigError(unknown_message("model preset", name, list(PRESETS)))
+    return PRESET_EXECUTION.get(name, Execution())
+
+
 def get_preset(name: str, **overrides: Any) -> ModelConfig:
     """The named preset, optionally with some fields changed."""
     if name not in PRESETS:
-        raise ConfigError(_unknown_message("model preset", name, list(PRESETS)))
+        raise ConfigError(unknown_message("model preset", name, list(PRESETS)))
     config = PRESETS[name]
     return config.replace(**overrides) if overrides else config
 

@@ -3,7 +3,7 @@
 The parameters keep their layout, [layers, ...]; on a mesh whose `stage` axis is > 1 the rules map
 `layers -> stage` (`model.sharding.rules_on`), so stage s holds a contiguous block of layers: a
 checkpoint is the same whether a run was pipelined or not, and restores onto any mesh. A run turns
-pipelining on with a mesh whose `stage` axis is S > 1 and two numbers of the model config:
+pipelining on with a mesh whose `stage` axis is S > 1 and two numbers of its `Execution`:
 M microbatches and V virtual stages per device.
 
 The schedule runs inside the jitted step. The batch is cut into M microbatches; a buffer holds one

@@ -18,30 +18,32 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from model.config import ModelConfig
+from model.config import Execution, ModelConfig
 from model.sharding import DEFAULT_RULES, Rules, activation_sharding, check_divisible, named_sharding, state_shardings
 from model.transformer import Transformer
 
 
-def new_model(config: ModelConfig, seed: int) -> Transformer:
-    return Transformer(config, rngs=nnx.Rngs(params=seed))
+def new_model(config: ModelConfig, seed: int, execution: Execution | None = None) -> Transformer:
+    return Transformer(config, execution, rngs=nnx.Rngs(params=seed))
 
 
-def abstract_model(config: ModelConfig, seed: int = 0) -> Transformer:
-    """The model's structure, shapes and metadata, with no memory allocated."""
-    return nnx.eval_shape(lambda: new_model(config, seed))
+def abstract_model(config: ModelConfig, seed: int = 0, execution: Execution | None = None) -> Transformer:
+    """The model's structure, shapes and metadata, with no memory allocated. `execution` (default
+    Execution()) is how the model runs: it is part of the graphdef, not of the parameters."""
+    return nnx.eval_shape(lambda: new_model(config, seed, execution))
 
 
-def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
+def init_model(config: ModelConfig, seed: int = 0, execution: Execution | None = None) -> Transformer:
     """A model with freshly initialised parameters on the default device."""
-    graphdef, _ = nnx.split(abstract_model(config, seed))
+    graphdef, _ = nnx.split(abstract_model(config, seed, execution))
     return nnx.merge(graphdef, jax.jit(lambda: nnx.state(new_model(config, seed)))())
 
 
-def init_on_mesh(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES, seed: int = 0) -> Transformer:
+def init_on_mesh(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES, seed: int = 0,
+                 execution: Execution | None = None) -> Transformer:
     """Initialise parameters straight into their shards on `mesh`; no device ever
     holds the whole model. The values equal `init_model(config, seed)`'s bit for bit."""
-    graphdef, abstract_state = nnx.split(abstract_model(config, seed))
+    graphdef, abstract_state = nnx.split(abstract_model(config, seed, execution))
     shardings = state_shardings(abstract_state, mesh, rules)  # checks divisibility first
     state = jax.jit(lambda: nnx.state(new_model(config, seed)), out_shardings=shardings)()
     return nnx.merge(graphdef, state)
@@ -58,10 +60,11 @@ class ParamLayout:
     target: dict  # ShapeDtypeStruct carrying its sharding: the target of a restore
 
 
-def param_layout(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> ParamLayout:
+def param_layout(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                 execution: Execution | None = None) -> ParamLayout:
     """Every parameter's shape, logical axes and sharding on `mesh`, from the abstract model (no memory);
-    checks that every sharded dimension divides by its mesh axes."""
-    graphdef, variables = nnx.split(abstract_model(config))
+    checks that every sharded dimension divides by its mesh axes. The graphdef runs with `execution`."""
+    graphdef, variables = nnx.split(abstract_model(config, execution=execution))
     shardings = nnx.to_pure_dict(state_shardings(variables, mesh, rules))
     abstract = nnx.to_pure_dict(variables)
     logical_axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["logical_axes"], variables,

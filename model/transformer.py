@@ -5,8 +5,10 @@ pre-norm residual blocks; the blocks are stored stacked (a leading `layers`
 axis) and run with `jax.lax.scan` (against a KV cache, as a Python loop over
 the layers: see `Transformer.with_cache`). Parameters carry logical axis names and
 activations are pinned with `constrain`, so the same code runs on any mesh
-(see sharding.py). Parameters live in `param_dtype`, matmuls run in
-`compute_dtype`, and norms, softmax and logits are float32.
+(see sharding.py). Parameters live in the ModelConfig's `param_dtype`; how the
+model runs (matmuls in the Execution's `compute_dtype`, remat, scan unrolling,
+the pipeline schedule) is the Execution the Transformer is built with. Norms,
+softmax and logits are float32.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from model.cache import CACHE_AXES, KVCache
-from model.config import ModelConfig
+from model.config import Execution, ModelConfig
 from model.pipeline import pipelined
 from model.sharding import constrain, mesh_axis_size
 
@@ -142,9 +144,9 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, execution: Execution, *, rngs: nnx.Rngs):
         d, h, kv, hd = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
-        self.dtype = config.compute_jnp_dtype
+        self.dtype = execution.compute_jnp_dtype
         self.config = config
         self.wq = _param(rngs, config, (d, h, hd), ("embed", "heads", "head_dim"))
         self.wk = _param(rngs, config, (d, kv, hd), ("embed", "kv_heads", "head_dim"))
@@ -208,8 +210,8 @@ class LayerCache:
 class MLP(nnx.Module):
     """SwiGLU: down(silu(x @ gate) * (x @ up))."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.dtype = config.compute_jnp_dtype
+    def __init__(self, config: ModelConfig, execution: Execution, *, rngs: nnx.Rngs):
+        self.dtype = execution.compute_jnp_dtype
         self.w_gate = _param(rngs, config, (config.d_model, config.d_ff), ("embed", "mlp"))
         self.w_up = _param(rngs, config, (config.d_model, config.d_ff), ("embed", "mlp"))
         self.w_down = _param(rngs, config, (config.d_ff, config.d_model), ("mlp", "embed"))
@@ -225,11 +227,11 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, execution: Execution, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(config, rngs=rngs)
-        self.attn = Attention(config, rngs=rngs)
+        self.attn = Attention(config, execution, rngs=rngs)
         self.mlp_norm = RMSNorm(config, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
+        self.mlp = MLP(config, execution, rngs=rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array,
                  cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
@@ -238,13 +240,13 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache
 
 
-def _stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+def _stacked_blocks(config: ModelConfig, execution: Execution, rngs: nnx.Rngs) -> Block:
     """n_layers Blocks whose parameters are stacked on a leading `layers` axis."""
 
     @nnx.split_rngs(splits=config.n_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers", "logical_axes": "layers"})
     def make(rngs: nnx.Rngs) -> Block:
-        return Block(config, rngs=rngs)
+        return Block(config, execution, rngs=rngs)
 
     return make(rngs)
 
@@ -256,12 +258,15 @@ REMAT_POLICY = {
 
 
 class Transformer(nnx.Module):
-    """Token ids -> float32 logits over the vocabulary."""
+    """Token ids -> float32 logits over the vocabulary. `config` is what the model is (its parameters),
+    `execution` how it runs (default: Execution(), float32 and a plain layer scan)."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, execution: Execution | None = None, *, rngs: nnx.Rngs):
+        execution = Execution() if execution is None else execution
         self.config = config
+        self.execution = execution
         self.embedding = _param(rngs, config, (config.vocab_size, config.d_model), ("vocab", "embed"))
-        self.layers = _stacked_blocks(config, rngs)
+        self.layers = _stacked_blocks(config, execution, rngs)
         self.final_norm = RMSNorm(config, rngs=rngs)
         if not config.tie_embeddings:
             self.lm_head = _param(rngs, config, (config.d_model, config.vocab_size), ("embed", "vocab"))
@@ -315,19 +320,19 @@ class Transformer(nnx.Module):
         """tokens [batch, length] -> [batch, length, act_embed] in the compute dtype."""
         # ZeRO-3: gather the table's `embed` shards, keep `vocab` split for the lookup.
         table = constrain(self.embedding[...], ("vocab", "act_embed"))
-        x = jnp.take(table, tokens, axis=0).astype(self.config.compute_jnp_dtype)
+        x = jnp.take(table, tokens, axis=0).astype(self.execution.compute_jnp_dtype)
         return constrain(x, ("batch", "length", "act_embed"))
 
     def head(self) -> jax.Array:
         """The LM head as [embed, vocab] in the compute dtype (the transposed table when tied): a decode
         loop makes it once, outside the loop, instead of relaying the table out every step."""
-        dtype = self.config.compute_jnp_dtype
+        dtype = self.execution.compute_jnp_dtype
         table = self.embedding[...].T if self.config.tie_embeddings else self.lm_head[...]
         return table.astype(dtype)
 
     def logits(self, x: jax.Array, head: jax.Array | None = None) -> jax.Array:
         """Final norm and LM head: [batch, length, act_embed] -> float32 logits [batch, length, vocab]."""
-        dtype = self.config.compute_jnp_dtype
+        dtype = self.execution.compute_jnp_dtype
         x = self.final_norm(x)
         if head is not None:
             logits = jnp.einsum("bld,dv->blv", x, head, preferred_element_type=F32)
@@ -340,20 +345,20 @@ class Transformer(nnx.Module):
     def _layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         """The stacked blocks, run by lax.scan; as a pipeline over the `stage` mesh axis when it has more
         than one device (model/pipeline.py)."""
-        config = self.config
+        execution = self.execution
         graphdef, stacked = nnx.split(self.layers)
 
         def run(params, x, positions, mask):  # a run of layers (params: [layers, ...]) on x
             def layer(x, params):
                 return nnx.merge(graphdef, params)(x, positions, mask)[0], None
 
-            if config.remat != "none":
-                layer = jax.checkpoint(layer, policy=REMAT_POLICY[config.remat], prevent_cse=False)
+            if execution.remat != "none":
+                layer = jax.checkpoint(layer, policy=REMAT_POLICY[execution.remat], prevent_cse=False)
             count = jax.tree.leaves(params)[0].shape[0]
-            return jax.lax.scan(layer, x, params, unroll=min(config.scan_unroll, count))[0]
+            return jax.lax.scan(layer, x, params, unroll=min(execution.scan_unroll, count))[0]
 
         stages = mesh_axis_size("stage")
         if stages > 1:
-            return pipelined(run, stacked, x, positions, mask, stages, config.pipeline_microbatches,
-                             config.pipeline_virtual_stages)
+            return pipelined(run, stacked, x, positions, mask, stages, execution.pipeline_microbatches,
+                             execution.pipeline_virtual_stages)
         return run(stacked, x, positions, mask)

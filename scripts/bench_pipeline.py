@@ -45,7 +45,7 @@ def main() -> int:
     import jax
     import numpy as np
 
-    from model import get_preset, make_mesh
+    from model import Execution, get_preset, make_mesh
     from model.pipeline import bubble_fraction
     from train.config import OptimSection, ScheduleSection
     from train.step import build_steps
@@ -53,10 +53,11 @@ def main() -> int:
     rows = []
     rng = np.random.default_rng(0)
     for shape, m, v in CASES:
-        config = get_preset("small").replace(n_layers=args.layers, scan_unroll=1, pipeline_microbatches=m,
-                                             pipeline_virtual_stages=v)
+        config = get_preset("small").replace(n_layers=args.layers)
+        execution = Execution(pipeline_microbatches=m, pipeline_virtual_stages=v)
         mesh = make_mesh(shape)
-        steps = build_steps(config, OptimSection(), ScheduleSection(), 100, mesh, batch_size=args.batch)
+        steps = build_steps(config, OptimSection(), ScheduleSection(), 100, mesh, batch_size=args.batch,
+                            execution=execution)
         state = steps.init(0)
         tokens = rng.integers(0, config.vocab_size, (args.batch, args.seq_len + 1)).astype(np.int32)
         batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:],

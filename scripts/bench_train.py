@@ -66,8 +66,9 @@ def random_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict:
             "positions": positions_from_segments(segments), "weights": np.ones((batch, seq_len), np.float32)}
 
 
-def meshlm_runner(config, mesh_shape: dict[str, int], batch_size: int, seq_len: int) -> Runner:
-    """train/step.py's jitted step (AdamW + clipping, float32) on the first prod(mesh) devices."""
+def meshlm_runner(config, mesh_shape: dict[str, int], batch_size: int, seq_len: int, execution=None) -> Runner:
+    """train/step.py's jitted step (AdamW + clipping, float32) on the first prod(mesh) devices, run with
+    `execution` (the preset's: model.config.preset_execution)."""
     import math
 
     import jax
@@ -77,7 +78,7 @@ def meshlm_runner(config, mesh_shape: dict[str, int], batch_size: int, seq_len: 
     from train.step import build_steps
 
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:math.prod(mesh_shape.values())])
-    steps = build_steps(config, OptimSection(), ScheduleSection(), 1000, mesh, batch_size)
+    steps = build_steps(config, OptimSection(), ScheduleSection(), 1000, mesh, batch_size, execution=execution)
     batch = jax.device_put(random_batch(config.vocab_size, batch_size, seq_len), steps.batch_shardings)
     holder = {"state": steps.init(0)}
 
@@ -133,14 +134,16 @@ def time_round_robin(runners: list[Runner], steps: int, warmup: int) -> list[dic
 
 def bench_preset(name: str, args: argparse.Namespace) -> list[dict]:
     from model import flops_per_token, get_preset, parse_mesh
+    from model.config import preset_execution
 
-    config = get_preset(name)
+    config, execution = get_preset(name), preset_execution(name)
     batch_size, seq_len = SHAPES.get(name, (32, 256))
     batch_size, seq_len = args.batch or batch_size, min(args.seq_len or seq_len, config.max_seq_len)
     meshes = [m for m in args.meshes.split(";") if m.strip()]
     if args.no_multi:
         meshes = meshes[:1]
-    runners: list[Runner | str] = [meshlm_runner(config, parse_mesh(m), batch_size, seq_len) for m in meshes]
+    runners: list[Runner | str] = [meshlm_runner(config, parse_mesh(m), batch_size, seq_len, execution)
+                                   for m in meshes]
     if not args.no_transformers:
         runners.append(transformers_runner(config, batch_size, seq_len, args.attn))
     live = [r for r in runners if isinstance(r, Runner)]

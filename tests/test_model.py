@@ -1,4 +1,4 @@
-"""Config validation, presets, parameter and FLOP counts, segment masking, remat, mixed precision."""
+"""Config and execution validation, presets, parameter and FLOP counts, segment masking, remat, mixed precision."""
 
 import dataclasses
 
@@ -8,7 +8,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import PRESETS, ConfigError, ModelConfig, cross_entropy, flops_per_token, get_preset, init_model, param_count
+from model import (
+    PRESETS,
+    ConfigError,
+    Execution,
+    ModelConfig,
+    cross_entropy,
+    flops_per_token,
+    get_preset,
+    init_model,
+    param_count,
+)
+from model.config import EXECUTION_FIELDS, preset_execution
 from model.placement import abstract_model
 
 TINY = get_preset("tiny")
@@ -25,10 +36,8 @@ TINY = get_preset("tiny")
         ({"d_ff": 0}, r"d_ff must be a positive integer, got 0"),
         ({"vocab_size": -5}, r"vocab_size must be a positive integer, got -5"),
         ({"head_dim": 7}, r"head_dim must be a positive even integer.*got 7"),
-        ({"compute_dtype": "fp8"}, r"compute_dtype must be one of .*got 'fp8'"),
-        ({"remat": "sometimes"}, r"remat must be one of .*got 'sometimes'"),
+        ({"param_dtype": "fp8"}, r"param_dtype must be one of .*got 'fp8'"),
         ({"norm_eps": 0.0}, r"norm_eps must be > 0, got 0.0"),
-        ({"scan_unroll": 0}, r"scan_unroll must be a positive integer, got 0"),
     ],
 )
 def test_config_rejects_bad_values_naming_fields(changes, message):
@@ -38,12 +47,53 @@ def test_config_rejects_bad_values_naming_fields(changes, message):
         ModelConfig(**fields)
 
 
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"compute_dtype": "fp8"}, r"Execution.compute_dtype must be one of .*got 'fp8'"),
+        ({"remat": "sometimes"}, r"Execution.remat must be one of .*got 'sometimes'"),
+        ({"scan_unroll": 0}, r"Execution.scan_unroll must be a positive integer, got 0"),
+        ({"pipeline_microbatches": True}, r"Execution.pipeline_microbatches must be a positive integer, got True"),
+    ],
+)
+def test_execution_rejects_bad_values_naming_fields(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        Execution(**changes)
+    with pytest.raises(ConfigError, match=message):
+        Execution().replace(**changes)
+    assert Execution(remat="save-dots").remat == "save_dots"
+
+
 def test_config_is_frozen_and_replace_checks_names():
     with pytest.raises(dataclasses.FrozenInstanceError):
         TINY.d_model = 128
     assert TINY.replace(n_layers=3).n_layers == 3
-    with pytest.raises(ConfigError, match=r"unknown ModelConfig field 'n_layer'; did you mean n_layers"):
+    with pytest.raises(ConfigError, match=r"unknown ModelConfig field 'n_layer'; did you mean 'n_layers'"):
         TINY.replace(n_layer=3)
+    with pytest.raises(ConfigError, match=r"unknown ModelConfig field 'compute_dtype'"):  # an Execution field
+        TINY.replace(compute_dtype="bfloat16")
+    with pytest.raises(ConfigError, match=r"unknown Execution field 'scan_unrol'; did you mean 'scan_unroll'"):
+        Execution().replace(scan_unrol=2)
+
+
+def test_from_dict_keeps_the_architecture_and_drops_old_execution_fields():
+    stored = dataclasses.asdict(get_preset("llama3.2-1b"))  # rope_scaling as a dict, as JSON stores it
+    assert ModelConfig.from_dict(stored) == get_preset("llama3.2-1b")
+    old = {**dataclasses.asdict(TINY), "compute_dtype": "bfloat16", "remat": "full", "scan_unroll": 2,
+           "pipeline_microbatches": 4, "pipeline_virtual_stages": 2}  # a checkpoint written before the split
+    assert set(old) - set(dataclasses.asdict(TINY)) == set(EXECUTION_FIELDS)
+    assert ModelConfig.from_dict(old) == TINY
+    with pytest.raises(ConfigError, match=r"unknown ModelConfig field 'd_modle'; did you mean 'd_model'"):
+        ModelConfig.from_dict({**old, "d_modle": 64})
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        ModelConfig.from_dict([("d_model", 64)])
+
+
+def test_presets_are_architecture_and_small_runs_unrolled():
+    assert preset_execution("small") == Execution(scan_unroll=6)  # the CPU demo's layers, unrolled
+    assert preset_execution("tiny") == Execution()
+    with pytest.raises(ConfigError, match=r"unknown model preset 'smal'"):
+        preset_execution("smal")
 
 
 def test_unknown_preset_lists_valid_names():
@@ -143,8 +193,8 @@ def test_later_tokens_do_not_change_earlier_logits():
     np.testing.assert_allclose(model(tokens)[:, :8], model(changed)[:, :8], rtol=1e-6, atol=1e-7)
 
 
-def _loss_and_grads(config, seed=0):
-    model = init_model(config, seed)
+def _loss_and_grads(config, seed=0, execution=None):
+    model = init_model(config, seed, execution)
     graphdef, state = nnx.split(model)
     tokens = jnp.asarray(np.random.default_rng(seed).integers(0, config.vocab_size, (2, 17)), jnp.int32)
 
@@ -159,7 +209,7 @@ def test_remat_policies_give_the_same_gradients(policy):
     """float32: recomputation is fused differently, so gradients agree to rounding at the scale of
     each gradient array (elements far below that scale carry the scale's absolute rounding)."""
     loss, grads = _loss_and_grads(TINY)
-    remat_loss, remat_grads = _loss_and_grads(TINY.replace(remat=policy))
+    remat_loss, remat_grads = _loss_and_grads(TINY, execution=Execution(remat=policy))
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max())
@@ -169,9 +219,9 @@ def test_remat_policies_give_the_same_gradients(policy):
 def test_remat_policies_give_the_same_gradients_in_float64(policy, float64):
     """In float64 the remat gradients are the plain ones to 1e-12: the float32 differences above
     are rounding."""
-    exact = TINY.replace(param_dtype="float64", compute_dtype="float64")
-    loss, grads = _loss_and_grads(exact)
-    remat_loss, remat_grads = _loss_and_grads(exact.replace(remat=policy))
+    exact = TINY.replace(param_dtype="float64")
+    loss, grads = _loss_and_grads(exact, execution=Execution(compute_dtype="float64"))
+    remat_loss, remat_grads = _loss_and_grads(exact, execution=Execution(compute_dtype="float64", remat=policy))
     np.testing.assert_allclose(remat_loss, loss, rtol=1e-12)
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
         assert a.dtype == np.float64
@@ -179,8 +229,7 @@ def test_remat_policies_give_the_same_gradients_in_float64(policy, float64):
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-    config = TINY.replace(compute_dtype="bfloat16")
-    model = init_model(config)
+    model = init_model(TINY, execution=Execution(compute_dtype="bfloat16"))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(nnx.state(model)))
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, TINY.vocab_size, (2, 16)), jnp.int32)
     logits = model(tokens)
@@ -194,7 +243,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 
 def test_bfloat16_params():
-    model = init_model(TINY.replace(param_dtype="bfloat16", compute_dtype="bfloat16"))
+    model = init_model(TINY.replace(param_dtype="bfloat16"), execution=Execution(compute_dtype="bfloat16"))
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(nnx.state(model)))
     assert model(jnp.zeros((1, 4), jnp.int32)).dtype == jnp.float32
 
@@ -219,7 +268,7 @@ def test_unrolled_layer_scan_gives_the_same_loss_and_gradients():
     config = TINY.replace(n_layers=3)
     loss, grads = _loss_and_grads(config)
     for unroll in (2, 3, 8):
-        unrolled_loss, unrolled_grads = _loss_and_grads(config.replace(scan_unroll=unroll))
+        unrolled_loss, unrolled_grads = _loss_and_grads(config, execution=Execution(scan_unroll=unroll))
         np.testing.assert_allclose(unrolled_loss, loss, rtol=1e-6)
         for a, b in zip(jax.tree.leaves(unrolled_grads), jax.tree.leaves(grads), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)

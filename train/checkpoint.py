@@ -29,7 +29,6 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from model.checkpoint import (
     CHECKSUMS,
@@ -37,6 +36,7 @@ from model.checkpoint import (
     PARAMS,
     CheckpointError,
     CheckpointWarning,
+    absolute,
     check_layout,
     checksums,
     read_layout,
@@ -61,8 +61,7 @@ class Checkpointer:
     """Orbax CheckpointManager for a run: a save every `every` steps (or forced), the last `keep` kept."""
 
     def __init__(self, directory: str | os.PathLike, keep: int = 3, every: int = 100, async_save: bool = True):
-        path = os.fspath(directory)
-        self.directory = path if "://" in path else os.path.abspath(path)
+        self.directory = str(absolute(directory))
         self._unreadable: list[int] = []
         options = ocp.CheckpointManagerOptions(
             save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(every),
@@ -70,7 +69,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # folders of saves that never finished
         )
-        self._manager = ocp.CheckpointManager(epath.Path(self.directory), options=options)
+        self._manager = ocp.CheckpointManager(absolute(self.directory), options=options)
 
     # -- saving
 

@@ -1,6 +1,7 @@
 """Run configuration: frozen dataclasses, filled from a YAML file and `key=value` overrides.
 
-    model:      {preset: small, compute_dtype: bfloat16}     # a preset plus any ModelConfig field
+    model:      {preset: small, n_layers: 8}     # the architecture: a preset plus any ModelConfig field
+    execution:  {compute_dtype: bfloat16, remat: full}   # how it runs (model.config.Execution; not checkpointed)
     mesh:       {data: 2, fsdp: -1}
     data:       {store: runs/data/stdlib}
     optim:      {lr: 3.0e-3, weight_decay: 0.1, clip_norm: 1.0}
@@ -10,20 +11,30 @@
     log:        {every: 10, eval_every: 100}
     run_dir:    runs/train/small
 
-An unknown key anywhere is an error that names it and the closest valid keys.
+An unknown key anywhere is an error that names it and the closest valid keys. The execution section
+starts from the preset's (`model.config.preset_execution`: the `small` preset's layers run unrolled);
+`model.compute_dtype`, `model.remat` and `model.scan_unroll`, from configs written before the section,
+still set it. The pipeline schedule's two numbers are in `pipeline:`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from typing import Any
 
 import yaml
 
-from model.config import ModelConfig, get_preset
+from model.config import (
+    EXECUTION_FIELDS,
+    ConfigError,
+    Execution,
+    ModelConfig,
+    get_preset,
+    preset_execution,
+    unknown_message,
+)
 from model.pipeline import PipelineError, check_pipeline
 from train.errors import TrainError
 
@@ -44,8 +55,18 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExecutionSection:
+    """How the model runs in this run (model.config.Execution, with the pipeline section's numbers)."""
+
+    compute_dtype: str = "float32"  # the matmuls' dtype; parameters and optimiser state stay in param_dtype
+    remat: str = "none"  # none | full | save_dots: what the backward pass recomputes per layer
+    scan_unroll: int = 1  # layers per iteration of the layer scan (a YAML config starts from the preset's)
+
+
+@dataclasses.dataclass(frozen=True)
 class PipelineSection:
-    """Pipeline parallelism when mesh.stage > 1 (model/pipeline.py): the model config's pipeline fields."""
+    """Pipeline parallelism when mesh.stage > 1 (model/pipeline.py): Execution.pipeline_microbatches and
+    pipeline_virtual_stages."""
 
     microbatches: int = 1  # M: each step's batch goes through the stages in M parts (>= mesh.stage)
     virtual_stages: int = 1  # V: layer chunks per stage; > 1 is the circular schedule
@@ -107,6 +128,7 @@ class LogSection:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = dataclasses.field(default_factory=lambda: get_preset("small"))
+    execution: ExecutionSection = ExecutionSection()
     mesh: MeshSection = MeshSection()
     pipeline: PipelineSection = PipelineSection()
     data: DataSection = DataSection()
@@ -136,15 +158,22 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise TrainConfigError(message)
-        # the model runs the pipeline, so it carries the two numbers (they do not change its parameters)
-        object.__setattr__(self, "model", self.model.replace(pipeline_microbatches=self.pipeline.microbatches,
-                                                             pipeline_virtual_stages=self.pipeline.virtual_stages))
+        try:
+            self.model_execution  # noqa: B018 -- validates the execution settings
+        except ConfigError as e:
+            raise TrainConfigError(f"execution: {e}") from e
         if self.mesh.stage > 1:
             try:
                 check_pipeline(self.model.n_layers, self.mesh.stage, self.pipeline.microbatches,
                                self.pipeline.virtual_stages, self.train.batch_size // self.train.microbatches)
             except PipelineError as e:
                 raise TrainConfigError(str(e)) from e
+
+    @property
+    def model_execution(self) -> Execution:
+        """How the model runs: the execution section plus the pipeline schedule."""
+        return Execution(**dataclasses.asdict(self.execution), pipeline_microbatches=self.pipeline.microbatches,
+                         pipeline_virtual_stages=self.pipeline.virtual_stages)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for YAML, JSON and checkpoints); `from_dict` inverts it."""
@@ -154,13 +183,8 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- building from data
 
 
-def _close(name: str, valid: list[str]) -> str:
-    matches = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
-    return f"; did you mean {' or '.join(repr(m) for m in matches)}?" if matches else ""
-
-
 def _unknown(where: str, name: str, valid: list[str]) -> TrainConfigError:
-    return TrainConfigError(f"unknown key {where}{name!r}{_close(name, valid)} (valid: {', '.join(valid)})")
+    return TrainConfigError(unknown_message("key", name, valid, where))
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
@@ -197,23 +221,35 @@ def _section(cls: type, values: Any, where: str) -> Any:
     return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()})
 
 
-def _model(values: Any) -> ModelConfig:
-    if isinstance(values, ModelConfig):
-        return values
+def _model(values: Any) -> tuple[ModelConfig, dict[str, Any]]:
+    """(the architecture, the execution settings: the preset's, then any execution fields of `model:`)."""
     if not isinstance(values, dict):
         raise TrainConfigError(f"model must be a mapping (preset plus fields), got {values!r}")
     values = dict(values)
-    config = get_preset(values.pop("preset", "small"))
+    preset = values.pop("preset", "small")
+    config = get_preset(preset)
+    execution = {k: v for k, v in dataclasses.asdict(preset_execution(preset)).items()
+                 if k in _section_names(ExecutionSection)}
     fields = [f.name for f in dataclasses.fields(ModelConfig)]
-    for key in values:
-        if key not in fields:
+    for key in list(values):
+        if key in _section_names(ExecutionSection):  # configs written before the execution section
+            execution[key] = values.pop(key)
+        elif key in EXECUTION_FIELDS:  # the pipeline numbers
+            raise TrainConfigError(f"model.{key} is not a model field: the pipeline schedule is "
+                                   f"pipeline.{key.removeprefix('pipeline_')}")
+        elif key not in fields:
             raise _unknown("model.", key, ["preset", *fields])
     hints = typing.get_type_hints(ModelConfig)
-    return config.replace(**{k: _coerce(v, hints[k], f"model.{k}") for k, v in values.items()})
+    return config.replace(**{k: _coerce(v, hints[k], f"model.{k}") for k, v in values.items()}), execution
 
 
-SECTIONS = {"mesh": MeshSection, "pipeline": PipelineSection, "data": DataSection, "optim": OptimSection,
-            "schedule": ScheduleSection, "train": TrainSection, "checkpoint": CheckpointSection, "log": LogSection}
+def _section_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+SECTIONS = {"execution": ExecutionSection, "mesh": MeshSection, "pipeline": PipelineSection, "data": DataSection,
+            "optim": OptimSection, "schedule": ScheduleSection, "train": TrainSection,
+            "checkpoint": CheckpointSection, "log": LogSection}
 
 
 def from_dict(values: dict[str, Any]) -> TrainConfig:
@@ -221,10 +257,17 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
     for key in values:
         if key not in valid:
             raise _unknown("", key, valid)
+    model_values = values.get("model", {})
+    model, execution = _model(model_values)
+    given = values.get("execution", {})
+    if isinstance(given, dict):  # (not a mapping: _section says so)
+        twice = sorted(set(given) & set(model_values))
+        if twice:
+            raise TrainConfigError(f"{twice[0]} is set in both model and execution; set execution.{twice[0]} only")
+        values = {**values, "execution": {**execution, **given}}
     kwargs: dict[str, Any] = {name: _section(cls, values[name], name)
                               for name, cls in SECTIONS.items() if name in values}
-    if "model" in values:
-        kwargs["model"] = _model(values["model"])
+    kwargs["model"] = model
     if "run_dir" in values:
         kwargs["run_dir"] = str(values["run_dir"])
     return TrainConfig(**kwargs)

@@ -136,7 +136,7 @@ def train(config: TrainConfig, log=print) -> TrainResult:
     store = open_store(config.data.store)
     _check_data(config, store)
     steps = build_steps(config.model, config.optim, config.schedule, config.train.steps, mesh,
-                        config.train.batch_size, config.train.microbatches)
+                        config.train.batch_size, config.train.microbatches, execution=config.model_execution)
     # every step records its tokenizer: the token store's (data.tokenizer.load_tokenizer reads a store's path)
     store_path = config.data.store if "://" in config.data.store else os.path.abspath(config.data.store)
     layout = layout_metadata(config.model, steps.abstract_state.params, steps.logical_axes, tokenizer=store_path)

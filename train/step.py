@@ -21,7 +21,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from model.config import ModelConfig
+from model.config import Execution, ModelConfig
 from model.loss import token_losses
 from model.pipeline import check_pipeline
 from model.placement import new_model, param_layout
@@ -111,17 +111,20 @@ class Steps:
 
 
 def build_steps(model: ModelConfig, optim: OptimSection, schedule: ScheduleSection, total_steps: int,
-                mesh: Mesh, batch_size: int, microbatches: int = 1, rules: Rules = DEFAULT_RULES) -> Steps:
-    """Derive every sharding from the abstract model, then jit init, train and eval steps on `mesh`."""
-    layout = param_layout(model, mesh, rules)  # checks divisibility
+                mesh: Mesh, batch_size: int, microbatches: int = 1, rules: Rules = DEFAULT_RULES,
+                execution: Execution | None = None) -> Steps:
+    """Derive every sharding from the abstract model, then jit init, train and eval steps on `mesh`; the model
+    runs with `execution` (default Execution())."""
+    execution = Execution() if execution is None else execution
+    layout = param_layout(model, mesh, rules, execution)  # checks divisibility
     graphdef, abstract_params, logical_axes = layout.graphdef, layout.abstract, layout.logical_axes
     param_shardings = layout.shardings
     check_divisible("global batch", (batch_size // microbatches, 1), ("batch", "length"), mesh, rules)
     stages = mesh.shape["stage"]
     if stages > 1:  # each pipeline microbatch is split over the batch axes too
-        check_pipeline(model.n_layers, stages, model.pipeline_microbatches, model.pipeline_virtual_stages,
+        check_pipeline(model.n_layers, stages, execution.pipeline_microbatches, execution.pipeline_virtual_stages,
                        batch_size // microbatches)
-        check_divisible("pipeline microbatch", (batch_size // microbatches // model.pipeline_microbatches, 1),
+        check_divisible("pipeline microbatch", (batch_size // microbatches // execution.pipeline_microbatches, 1),
                         ("batch", "length"), mesh, rules)
     sched = lr_schedule(optim, schedule, total_steps)
     optimizer = make_optimizer(optim, sched, logical_axes)
