@@ -118,8 +118,8 @@ def make_abstract_mesh(shape: Mapping[str, int], n_devices: int) -> AbstractMesh
 def rules_on(mesh: Mesh | AbstractMesh, rules: Rules) -> Rules:
     """The rules as they apply on `mesh`: when its `stage` axis pipelines (size > 1) and the rules leave
     `layers` unmapped, the stacked layers are split over `stage`, each stage holding a contiguous block
-    (model/pipeline.py). Without a pipeline `layers` stays unmapped: naming the size-1 stage axis in
-    every layer parameter's spec made XLA:CPU's train step of the demo 2.5x slower."""
+    (model/pipeline.py). Without a pipeline `layers` stays unmapped: naming the size-1 stage axis in every
+    layer parameter's spec slows XLA:CPU's train step (docs/BENCHMARKS.md, Training)."""
     if rules.get("layers") is None and dict(mesh.shape).get("stage", 1) > 1:
         return {**rules, "layers": "stage"}
     return rules

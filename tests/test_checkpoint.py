@@ -157,9 +157,17 @@ def test_check_layout_names_missing_extra_and_changed_parameters(run):
     assert "missing from the checkpoint: lm_head" in message
     assert "in the checkpoint but not in the model: lm_head_old" in message
     assert "embedding dtype: checkpoint bfloat16, model float32" in message
-    # fields that do not change the parameters may differ
-    runtime = {**run.layout, "model_config": {**run.layout["model_config"], "remat": "full", "max_seq_len": 4096}}
-    check_layout(run.layout, runtime, "ckpt/5")
+    # the whole architecture is compared, max_seq_len and init_std too
+    longer = {**run.layout, "model_config": {**run.layout["model_config"], "max_seq_len": 4096, "init_std": 0.1}}
+    with pytest.raises(CheckpointError, match=r"max_seq_len: checkpoint 128, model 4096\n  init_std: checkpoint "):
+        check_layout(run.layout, longer, "ckpt/5")
+    # how the model ran is not part of it: checkpoints written before the split stored it, and are read
+    old = {**run.layout, "model_config": {**run.layout["model_config"], "compute_dtype": "bfloat16", "remat": "full",
+                                          "scan_unroll": 2, "pipeline_microbatches": 4, "pipeline_virtual_stages": 2}}
+    check_layout(old, run.layout, "ckpt/5")
+    unknown = {**run.layout, "model_config": {**run.layout["model_config"], "n_experts": 8}}
+    with pytest.raises(CheckpointError, match="n_experts: checkpoint 8, model None"):
+        check_layout(unknown, run.layout, "ckpt/5")
     stacked = {**run.layout, "stacking": "unstacked"}
     with pytest.raises(CheckpointError, match="stacking: checkpoint 'stacked', model 'unstacked'"):
         check_layout(run.layout, stacked, "ckpt/5")
@@ -246,6 +254,38 @@ def test_restore_params_only_onto_a_given_sharding(run, tmp_path):
         restore_params(run.directory, other, layout=other_layout)
     with pytest.raises(CheckpointError, match=r"layers/attn/wq: checkpoint \(2, 64, 8, 8\), model \(3, 64, 8, 8\)"):
         restore_params(run.directory, other)  # without a layout: paths and shapes
+
+
+def test_a_checkpoint_written_before_the_execution_split_restores():
+    """tests/data/old_checkpoint was written by the code before ModelConfig and Execution were split (its
+    made_with.py): its layout's model_config holds compute_dtype, remat, scan_unroll and the pipeline fields.
+    The architecture is read from it, the execution fields dropped, and the parameters restore bit for bit
+    onto a mesh, equal to the values saved beside it."""
+    import json
+
+    from model.checkpoint import read_layout, reader
+    from model.config import ModelConfig
+
+    directory = os.path.join(os.path.dirname(__file__), "data", "old_checkpoint", "checkpoints")
+    with reader(directory) as manager:
+        assert manager.all_steps() == [7]
+        saved = read_layout(manager, 7)
+    assert saved["model_config"]["compute_dtype"] == "bfloat16" and saved["model_config"]["scan_unroll"] == 2
+    config = ModelConfig.from_dict(saved["model_config"])
+    assert config == ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=32,
+                                 max_seq_len=16)
+    target, layout = restore_target(config, make_mesh({"fsdp": 2, "data": 4}))
+    assert json.dumps(layout["model_config"], sort_keys=True) != json.dumps(saved["model_config"], sort_keys=True)
+    params = restore_params(directory, target, layout=layout)
+    want = np.load(os.path.join(directory, "..", "params.npz"))
+    flat = {jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert sorted(flat) == sorted(want.files)
+    for path, leaf in flat.items():
+        np.testing.assert_array_equal(np.asarray(leaf), want[path])
+    other, other_layout = restore_target(config.replace(d_ff=64), make_mesh({"data": 8}))
+    with pytest.raises(CheckpointError, match="d_ff: checkpoint 32, model 64"):
+        restore_params(directory, other, layout=other_layout)
 
 
 def test_relative_directories_work(run, tmp_path, monkeypatch):

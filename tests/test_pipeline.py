@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from model import get_preset, init_model, make_mesh
+from model import Execution, get_preset, init_model, make_mesh
 from model.loss import cross_entropy
 from model.pipeline import PipelineError, bubble_fraction, check_pipeline
 from model.placement import param_layout
@@ -23,9 +23,9 @@ def _batch(config, rows=8, length=16, seed=0):
     return jnp.asarray(tokens, jnp.int32)
 
 
-def _loss_and_grads(config, mesh=None, seed=0):
+def _loss_and_grads(config, mesh=None, seed=0, execution=None):
     """(loss, grads) of next-token cross-entropy, on one device or jitted on `mesh` with the rules."""
-    graphdef, params = nnx.split(init_model(config, seed))
+    graphdef, params = nnx.split(init_model(config, seed, execution))
     params = nnx.to_pure_dict(params)
     tokens = _batch(config)
 
@@ -57,10 +57,10 @@ def reference():
     ({"data": 2, "tensor": 2, "stage": 2}, 4, 1),  # (and with V = 2 in the training test below)
 ])
 def test_pipelined_loss_and_gradients_equal_the_plain_model(reference, mesh_shape, microbatches, virtual):
-    config = BASE.replace(pipeline_microbatches=microbatches, pipeline_virtual_stages=virtual)
+    execution = Execution(pipeline_microbatches=microbatches, pipeline_virtual_stages=virtual)
     if mesh_shape == {"stage": 8}:
-        config = config.replace(remat="full")  # recomputation inside the schedule: the same gradients
-    loss, grads = _loss_and_grads(config, make_mesh(mesh_shape))
+        execution = execution.replace(remat="full")  # recomputation inside the schedule: the same gradients
+    loss, grads = _loss_and_grads(BASE, make_mesh(mesh_shape), execution=execution)
     want_loss, want_grads = reference
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
@@ -68,9 +68,9 @@ def test_pipelined_loss_and_gradients_equal_the_plain_model(reference, mesh_shap
 
 
 def test_the_schedule_rotates_activations_by_collective_permute_and_keeps_weights_in_place():
-    config = BASE.replace(pipeline_microbatches=4)
+    config = BASE
     mesh = make_mesh({"stage": 4, "data": 2})
-    graphdef, params = nnx.split(init_model(config))
+    graphdef, params = nnx.split(init_model(config, execution=Execution(pipeline_microbatches=4)))
     params = jax.device_put(nnx.to_pure_dict(params), param_layout(config, mesh).shardings)
 
     def forward(params, tokens):
@@ -87,9 +87,8 @@ def test_bad_pipelines_are_refused_at_start():
         check_pipeline(8, 4, 4, 3)
     with pytest.raises(PipelineError, match="pipeline.microbatches = 2 is fewer than the 4 stages"):
         check_pipeline(8, 4, 2, 1)
-    config = BASE.replace(pipeline_microbatches=2)
     with pytest.raises(PipelineError, match="fewer than the 4 stages"):
-        _loss_and_grads(config, make_mesh({"stage": 4, "data": 2}))
+        _loss_and_grads(BASE, make_mesh({"stage": 4, "data": 2}), execution=Execution(pipeline_microbatches=2))
 
 
 def test_bubble_fraction():
@@ -98,12 +97,13 @@ def test_bubble_fraction():
     assert bubble_fraction(4, 4, 2) == pytest.approx(3 / 11)
 
 
-def _train_losses(config, mesh_shape, steps=3):
+def _train_losses(config, mesh_shape, steps=3, execution=None):
     from train.config import OptimSection, ScheduleSection
     from train.step import build_steps
 
     mesh = make_mesh(mesh_shape)
-    built = build_steps(config, OptimSection(lr=1e-2), ScheduleSection(warmup_steps=0), steps, mesh, batch_size=8)
+    built = build_steps(config, OptimSection(lr=1e-2), ScheduleSection(warmup_steps=0), steps, mesh, batch_size=8,
+                        execution=execution)
     state = built.init(0)
     losses = []
     for _ in range(steps):
@@ -119,8 +119,8 @@ def _train_losses(config, mesh_shape, steps=3):
 
 def test_training_steps_give_the_same_losses():
     plain, _ = _train_losses(BASE, {"data": 8})
-    piped, _ = _train_losses(BASE.replace(pipeline_microbatches=4, pipeline_virtual_stages=2),
-                             {"data": 2, "tensor": 2, "stage": 2})
+    piped, _ = _train_losses(BASE, {"data": 2, "tensor": 2, "stage": 2},
+                             execution=Execution(pipeline_microbatches=4, pipeline_virtual_stages=2))
     np.testing.assert_allclose(piped, plain, rtol=1e-5)
     assert plain[-1] < plain[0]
 
@@ -128,7 +128,7 @@ def test_training_steps_give_the_same_losses():
 def test_checkpoints_move_between_pipelined_and_plain_meshes(tmp_path):
     from model.checkpoint import layout_metadata, restore_params, restore_target, save_params
 
-    config = BASE.replace(pipeline_microbatches=4)
+    config = BASE
     piped = make_mesh({"stage": 4, "data": 2})
     layout = param_layout(config, piped)
     params = jax.device_put(nnx.to_pure_dict(nnx.split(init_model(config, seed=4))[1]), layout.shardings)
@@ -139,7 +139,7 @@ def test_checkpoints_move_between_pipelined_and_plain_meshes(tmp_path):
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     save_params(tmp_path / "plain", 1, plain, expected)
-    target, expected = restore_target(config.replace(pipeline_virtual_stages=2), make_mesh({"stage": 2, "data": 4}))
+    target, expected = restore_target(config, make_mesh({"stage": 2, "data": 4}))
     again = restore_params(tmp_path / "plain", target, layout=expected)
     for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -151,8 +151,8 @@ def test_decode_on_a_pipelined_mesh_regathers_the_layers_and_matches_one_device(
     from infer.decode import Decoder
     from infer.sampling import SamplingParams
 
-    config = BASE.replace(pipeline_microbatches=2, init_std=0.3)
-    graphdef, params = nnx.split(init_model(config, seed=1))
+    config = BASE.replace(init_std=0.3)
+    graphdef, params = nnx.split(init_model(config, seed=1, execution=Execution(pipeline_microbatches=2)))
     prompts = [list(range(3, 12)), list(range(40, 60)), [7, 7, 7]]
     sampling = SamplingParams(max_new_tokens=8, temperature=0.0, logprobs=2)
     one = Decoder(config, graphdef, params).generate_ids(prompts, sampling)
@@ -167,7 +167,10 @@ def test_run_config_checks_the_pipeline_at_start():
 
     base = {"model": {"preset": "tiny", "n_layers": 8}, "train": {"batch_size": 8}}
     config = from_dict({**base, "mesh": {"stage": 4, "fsdp": 2}, "pipeline": {"microbatches": 4, "virtual_stages": 2}})
-    assert (config.model.pipeline_microbatches, config.model.pipeline_virtual_stages) == (4, 2)
+    execution = config.model_execution
+    assert (execution.pipeline_microbatches, execution.pipeline_virtual_stages) == (4, 2)
+    with pytest.raises(TrainConfigError, match="model.pipeline_microbatches is not a model field.*pipeline.microbat"):
+        from_dict({**base, "model": {"preset": "tiny", "pipeline_microbatches": 4}})
     with pytest.raises(TrainConfigError, match="fewer than the 4 stages"):
         from_dict({**base, "mesh": {"stage": 4, "fsdp": 2}, "pipeline": {"microbatches": 2}})
     with pytest.raises(TrainConfigError, match="does not split into 4 stages x 3 virtual stages"):

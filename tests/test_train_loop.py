@@ -25,10 +25,11 @@ def store(tmp_path_factory) -> str:
 
 
 def _train(run_dir, store, *overrides, fault=None, timeout=300):
+    """`meshlm train` in a fresh process; with `fault`, through tests/fault_train.py, which gives `train` a
+    StepHook that injects it (kill_after_step:N, term_at_step:N, nan_at_step:N)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if fault:
-        env["MESHLM_FAULT"] = fault
-    cmd = [sys.executable, "-m", "meshlm", "train", "model.preset=tiny", "model.vocab_size=512",
+    entry = ["-m", "tests.fault_train", fault] if fault else ["-m", "meshlm", "train"]
+    cmd = [sys.executable, *entry, "model.preset=tiny", "model.vocab_size=512",
            f"data.store={store}", f"run_dir={run_dir}",
            "train.steps=20", "train.batch_size=8", "log.every=1", "log.eval_every=10", "log.eval_batches=2",
            "log.progress=false", "log.plot=false", "checkpoint.every=10", "mesh.fsdp=-1", *overrides]

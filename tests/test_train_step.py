@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from data.pack import positions_from_segments
-from model import get_preset, make_mesh
+from model import Execution, get_preset, make_mesh
 from train.config import OptimSection, ScheduleSection, TrainConfigError, load_config
 from train.step import build_steps, decay_mask, lr_schedule
 
@@ -143,10 +143,28 @@ def test_config_from_yaml_and_overrides(tmp_path):
     path.write_text("model: {preset: tiny, compute_dtype: bfloat16}\nmesh: {data: 2, fsdp: 4}\n"
                     "optim: {lr: 3e-4}\ntrain: {steps: 7}\nrun_dir: runs/x\n")
     config = load_config(str(path), ["optim.weight_decay=0", "model.n_layers=3", "train.batch_size=4"])
-    assert config.model.n_layers == 3 and config.model.compute_dtype == "bfloat16" and config.model.d_model == 64
+    assert config.model.n_layers == 3 and config.model.d_model == 64
+    assert config.model_execution == Execution(compute_dtype="bfloat16")  # model.compute_dtype: an older spelling
     assert config.optim.lr == 3e-4 and config.optim.weight_decay == 0.0 and config.train.steps == 7
     assert config.mesh.shape() == {"data": 2, "stage": 1, "fsdp": 4, "tensor": 1}
     assert load_config(None, []).model == get_preset("small")
+
+
+def test_execution_comes_from_the_run_and_starts_from_the_preset():
+    small = load_config(None, [])
+    assert small.model == get_preset("small") and small.model_execution == Execution(scan_unroll=6)
+    assert "compute_dtype" not in small.to_dict()["model"] and small.to_dict()["execution"]["scan_unroll"] == 6
+    config = load_config(None, ["model.preset=tiny", "execution.remat=full", "execution.compute_dtype=bfloat16",
+                                "pipeline.microbatches=2"])
+    assert config.model == get_preset("tiny")
+    assert config.model_execution == Execution(compute_dtype="bfloat16", remat="full", pipeline_microbatches=2)
+    assert load_config(None, ["execution.scan_unroll=1"]).model_execution.scan_unroll == 1
+    with pytest.raises(TrainConfigError, match="remat is set in both model and execution; set execution.remat"):
+        load_config(None, ["model.remat=full", "execution.remat=none"])
+    with pytest.raises(TrainConfigError, match=r"execution: Execution.compute_dtype must be one of .*got 'fp8'"):
+        load_config(None, ["execution.compute_dtype=fp8"])
+    with pytest.raises(TrainConfigError, match=r"unknown key execution.'scan_unrol'; did you mean 'scan_unroll'"):
+        load_config(None, ["execution.scan_unrol=2"])
 
 
 @pytest.mark.parametrize("overrides, message", [

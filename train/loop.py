@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -41,7 +42,6 @@ from train.errors import TrainError
 from train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
 from train.step import Steps, TrainState, build_steps
 
-FAULT_ENV = "MESHLM_FAULT"  # fault injection for tests: kill_after_step:N | term_at_step:N | nan_at_step:N
 MAX_ROLLBACKS = 3
 
 
@@ -59,14 +59,6 @@ class TrainResult:
     preempted: bool
     metrics_path: str
     plot_path: str | None
-
-
-def _fault() -> tuple[str, int] | None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
-        return None
-    kind, _, step = spec.partition(":")
-    return kind, int(step)
 
 
 class _Preemption:
@@ -127,126 +119,203 @@ def _progress(config: TrainConfig, total: int, initial: int):
                 dynamic_ncols=True, file=sys.stderr)
 
 
-def train(config: TrainConfig, log=print) -> TrainResult:
-    """Train (or resume) the run in `config.run_dir`; returns when done or preempted."""
-    os.makedirs(config.run_dir, exist_ok=True)
-    with open(os.path.join(config.run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-    mesh = make_mesh(config.mesh.shape())
-    store = open_store(config.data.store)
-    _check_data(config, store)
-    steps = build_steps(config.model, config.optim, config.schedule, config.train.steps, mesh,
-                        config.train.batch_size, config.train.microbatches, execution=config.model_execution)
-    # every step records its tokenizer: the token store's (data.tokenizer.load_tokenizer reads a store's path)
-    store_path = config.data.store if "://" in config.data.store else os.path.abspath(config.data.store)
-    layout = layout_metadata(config.model, steps.abstract_state.params, steps.logical_axes, tokenizer=store_path)
-    checkpointer = Checkpointer(os.path.join(config.run_dir, "checkpoints"), keep=config.checkpoint.keep,
-                                every=config.checkpoint.every, async_save=config.checkpoint.async_save)
-    restored = checkpointer.restore_latest(steps.abstract_state, layout)
-    if restored is None:
-        state, loader_state = steps.init(config.train.seed), None
-        if config.train.init_from:  # a checkpoint, a GGUF file, a Hugging Face directory or a packaged model
-            source = config.train.init_from
-            state = state.replace(params=load_params(source, steps.abstract_state.params, layout))
-            log(f"run {config.run_dir}: parameters from {source}")
-        log(f"run {config.run_dir}: new, {config.train.steps} steps on mesh {dict(mesh.shape)}")
-    else:
-        state, loader_state = restored.state, restored.loader_state
-        log(f"run {config.run_dir}: resumed from step {restored.step} of {config.train.steps}")
+class StepHook:
+    """Something run around every training step, installed with `train(config, hooks=[...])` (the tests' fault
+    injection is one). Override either method; both run on every step, so keep them cheap."""
 
-    peak, peak_source = peak_flops(list(mesh.devices.flat))
-    log(f"MFU peak: {peak_source}")
-    bubble = bubble_fraction(mesh.shape["stage"], config.pipeline.microbatches, config.pipeline.virtual_stages)
-    if mesh.shape["stage"] > 1:
-        log(f"pipeline: {mesh.shape['stage']} stages, {config.pipeline.microbatches} microbatches, "
-            f"{config.pipeline.virtual_stages} virtual stages per device: bubble {bubble:.1%}")
-    seq_len = store.seq_len
-    tokens_per_step = config.train.batch_size * seq_len
-    model_flops_per_step = flops_per_token(config.model, seq_len) * tokens_per_step
-    metrics_path = os.path.join(config.run_dir, "metrics.jsonl")
-    metrics = MetricsLog(metrics_path)
-    fault = _fault()
-    rollbacks = 0
-    val_loss = None
-    train_loss = float("nan")
-    preempted = False
-    loader = Loader(store, config.train.batch_size, seed=config.train.seed, split="train",
-                    val_fraction=config.data.val_fraction, sharding=steps.batch_shardings["tokens"],
-                    prefetch=config.data.prefetch, state=loader_state)
-    step = int(state.step)
-    compiled = False
-    bar = _progress(config, config.train.steps, step)
-    try:
-        with _Preemption() as preemption:
-            window_start, window_steps = time.perf_counter(), 0
-            while step < config.train.steps:
-                batch = next(loader)
-                if fault and fault[0] == "nan_at_step" and step + 1 == fault[1]:
-                    batch = dict(batch, weights=batch["weights"] * float("nan"))
-                    fault = None  # once: a bad batch, not a bad model
-                state, step_metrics = steps.train_step(state, batch)
-                step += 1
-                window_steps += 1
-                if not compiled:  # the first step of a process includes compilation: keep it out of step times
-                    jax.block_until_ready(state)
-                    compiled, window_start, window_steps = True, time.perf_counter(), 0
-                if config.train.nonfinite != "skip" and not bool(step_metrics["finite"]):
-                    state, rollbacks = _handle_nonfinite(config, step, steps, checkpointer, layout, state,
-                                                         rollbacks, log)
-                    step = int(state.step)
-                    bar.n = step
-                    continue
-                last = step == config.train.steps
-                if step % config.log.every == 0 or last:
-                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                    seconds = (time.perf_counter() - window_start) / max(window_steps, 1)
-                    train_loss = values["loss"]
-                    record = {
-                        "kind": "train", "step": step, "loss": values["loss"], "grad_norm": values["grad_norm"],
-                        "lr": values["lr"], "tokens_per_s": tokens_per_step / seconds, "step_time": seconds,
-                        "mfu": model_flops_per_step / seconds / peak, "skipped": int(state.skipped),
-                        "pipeline_bubble": bubble,
-                    }
-                    metrics.write(record)
-                    bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                                    mfu=f"{record['mfu']:.0%}")
-                    window_start, window_steps = time.perf_counter(), 0
-                bar.update(1)
-                if step % config.checkpoint.every == 0 or last:
-                    checkpointer.save(step, state, loader.state(), config.to_dict(), layout, force=last)
-                if step % config.log.eval_every == 0 or last:
-                    val_loss, val_tokens = evaluate(steps, state.params, store, config)
-                    metrics.write({"kind": "eval", "step": step, "val_loss": val_loss,
-                                   "val_perplexity": math.exp(min(val_loss, 50.0)), "val_tokens": val_tokens})
-                    window_start, window_steps = time.perf_counter(), 0
-                if fault and fault[0] == "term_at_step" and step == fault[1]:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                if fault and fault[0] == "kill_after_step" and step == fault[1]:
-                    checkpointer.wait()
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if preemption.requested and not last:
-                    checkpointer.save(step, state, loader.state(), config.to_dict(), layout, force=True)
-                    checkpointer.wait()
-                    preempted = True
-                    log(f"\nSIGTERM: stopped after step {step}; saved checkpoint {step} in "
-                        f"{checkpointer.directory}. Run the same command again to resume.")
-                    break
-    finally:
-        bar.close()
-        loader.close()
-        checkpointer.wait()
-        checkpointer.close()
-        metrics.close()
-    if val_loss is None and not preempted:  # nothing left to train (a finished run started again): report it
-        val_loss, _ = evaluate(steps, state.params, store, config)
-        logged = [r["loss"] for r in read_metrics(metrics_path) if r.get("kind") == "train"]
-        train_loss = logged[-1] if logged else train_loss
-    plot_path = None
-    if config.log.plot and not preempted:
-        plot_path = plot_losses(metrics_path, os.path.join(config.run_dir, "loss.png"))
-    return TrainResult(run_dir=config.run_dir, step=step, train_loss=train_loss, val_loss=val_loss,
-                       skipped=int(state.skipped), preempted=preempted, metrics_path=metrics_path,
-                       plot_path=plot_path)
+    def before_step(self, step: int, batch: dict) -> dict:
+        """The batch step number `step` (1-based) will train on; return it, or a changed copy."""
+        return batch
+
+    def after_step(self, step: int, run: Run) -> None:
+        """After step `step` was logged, checkpointed and evaluated, before a SIGTERM is acted on."""
+
+
+class Run:
+    """One training run in progress: set up and restored when made, then `loop`, then `result`.
+
+    Each part of a step is a method of its own: `_train_step` (with the non-finite policy), `_log_step`,
+    `_checkpoint`, `_evaluate`, `_stop_for_preemption`."""
+
+    def __init__(self, config: TrainConfig, log=print):
+        self.config, self.log = config, log
+        os.makedirs(config.run_dir, exist_ok=True)
+        with open(os.path.join(config.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        self.mesh = make_mesh(config.mesh.shape())
+        self.store = open_store(config.data.store)
+        _check_data(config, self.store)
+        self.steps = build_steps(config.model, config.optim, config.schedule, config.train.steps, self.mesh,
+                                 config.train.batch_size, config.train.microbatches,
+                                 execution=config.model_execution)
+        # every step records its tokenizer: the token store's (data.tokenizer.load_tokenizer reads a store's path)
+        store_path = config.data.store if "://" in config.data.store else os.path.abspath(config.data.store)
+        self.layout = layout_metadata(config.model, self.steps.abstract_state.params, self.steps.logical_axes,
+                                      tokenizer=store_path)
+        self.checkpointer = Checkpointer(os.path.join(config.run_dir, "checkpoints"), keep=config.checkpoint.keep,
+                                         every=config.checkpoint.every, async_save=config.checkpoint.async_save)
+        self.state, loader_state = self._restore()
+        self._plan_throughput()
+        self.metrics_path = os.path.join(config.run_dir, "metrics.jsonl")
+        self.metrics = MetricsLog(self.metrics_path)
+        self.loader = Loader(self.store, config.train.batch_size, seed=config.train.seed, split="train",
+                             val_fraction=config.data.val_fraction, sharding=self.steps.batch_shardings["tokens"],
+                             prefetch=config.data.prefetch, state=loader_state)
+        self.step = int(self.state.step)
+        self.rollbacks = 0
+        self.val_loss: float | None = None
+        self.train_loss = float("nan")
+        self.preempted = False
+        self._window_start, self._window_steps = time.perf_counter(), 0
+        self._bar = None
+
+    def _restore(self) -> tuple[TrainState, dict | None]:
+        """(state, loader state): the run's own newest checkpoint, or a new state (parameters from
+        train.init_from when it names a source)."""
+        config, steps = self.config, self.steps
+        restored = self.checkpointer.restore_latest(steps.abstract_state, self.layout)
+        if restored is None:
+            state = steps.init(config.train.seed)
+            if config.train.init_from:  # a checkpoint, a GGUF file, a Hugging Face directory or a packaged model
+                source = config.train.init_from
+                state = state.replace(params=load_params(source, steps.abstract_state.params, self.layout))
+                self.log(f"run {config.run_dir}: parameters from {source}")
+            self.log(f"run {config.run_dir}: new, {config.train.steps} steps on mesh {dict(self.mesh.shape)}")
+            return state, None
+        self.log(f"run {config.run_dir}: resumed from step {restored.step} of {config.train.steps}")
+        return restored.state, restored.loader_state
+
+    def _plan_throughput(self) -> None:
+        """The numbers each logged step's tokens/s, MFU and pipeline bubble are computed from."""
+        config, stages = self.config, self.mesh.shape["stage"]
+        self.peak, peak_source = peak_flops(list(self.mesh.devices.flat))
+        self.log(f"MFU peak: {peak_source}")
+        self.bubble = bubble_fraction(stages, config.pipeline.microbatches, config.pipeline.virtual_stages)
+        if stages > 1:
+            self.log(f"pipeline: {stages} stages, {config.pipeline.microbatches} microbatches, "
+                     f"{config.pipeline.virtual_stages} virtual stages per device: bubble {self.bubble:.1%}")
+        self.tokens_per_step = config.train.batch_size * self.store.seq_len
+        self.model_flops_per_step = flops_per_token(config.model, self.store.seq_len) * self.tokens_per_step
+
+    # -- the loop
+
+    def loop(self, hooks: Sequence[StepHook] = ()) -> None:
+        """Train until train.steps or a SIGTERM; closes the loader, checkpointer and metrics log."""
+        config = self.config
+        self._bar = _progress(config, config.train.steps, self.step)
+        compiled = False
+        try:
+            with _Preemption() as preemption:
+                self._restart_window()
+                while self.step < config.train.steps:
+                    step_metrics = self._train_step(hooks)
+                    if not compiled:  # the first step of a process includes compilation: keep it out of step times
+                        jax.block_until_ready(self.state)
+                        compiled = True
+                        self._restart_window()
+                    if not self._finite_or_rolled_back(step_metrics):
+                        continue
+                    last = self.step == config.train.steps
+                    if self.step % config.log.every == 0 or last:
+                        self._log_step(step_metrics)
+                    self._bar.update(1)
+                    if self.step % config.checkpoint.every == 0 or last:
+                        self._checkpoint(force=last)
+                    if self.step % config.log.eval_every == 0 or last:
+                        self._evaluate()
+                    for hook in hooks:
+                        hook.after_step(self.step, self)
+                    if preemption.requested and not last:
+                        self._stop_for_preemption()
+                        break
+        finally:
+            self._bar.close()
+            self.loader.close()
+            self.checkpointer.wait()
+            self.checkpointer.close()
+            self.metrics.close()
+
+    def _train_step(self, hooks: Sequence[StepHook]) -> dict:
+        """One step on the next batch (dispatched, not waited for): its metrics."""
+        batch = next(self.loader)
+        for hook in hooks:
+            batch = hook.before_step(self.step + 1, batch)
+        self.state, step_metrics = self.steps.train_step(self.state, batch)
+        self.step += 1
+        self._window_steps += 1
+        return step_metrics
+
+    def _finite_or_rolled_back(self, step_metrics: dict) -> bool:
+        """The non-finite policy: True if the run goes on with this step. `skip` is done inside the step;
+        `stop` raises TrainingStopped; `rollback` restores the last checkpoint (False: the step is undone)."""
+        if self.config.train.nonfinite == "skip" or bool(step_metrics["finite"]):
+            return True
+        self.state, self.rollbacks = _handle_nonfinite(self.config, self.step, self.steps, self.checkpointer,
+                                                       self.layout, self.state, self.rollbacks, self.log)
+        self.step = int(self.state.step)
+        self._bar.n = self.step
+        return False
+
+    def _restart_window(self) -> None:
+        """Step times average over the steps since the last logged step (evaluation kept out)."""
+        self._window_start, self._window_steps = time.perf_counter(), 0
+
+    def _log_step(self, step_metrics: dict) -> None:
+        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        seconds = (time.perf_counter() - self._window_start) / max(self._window_steps, 1)
+        self.train_loss = values["loss"]
+        record = {
+            "kind": "train", "step": self.step, "loss": values["loss"], "grad_norm": values["grad_norm"],
+            "lr": values["lr"], "tokens_per_s": self.tokens_per_step / seconds, "step_time": seconds,
+            "mfu": self.model_flops_per_step / seconds / self.peak, "skipped": int(self.state.skipped),
+            "pipeline_bubble": self.bubble,
+        }
+        self.metrics.write(record)
+        self._bar.set_postfix(loss=f"{self.train_loss:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                              mfu=f"{record['mfu']:.0%}")
+        self._restart_window()
+
+    def _checkpoint(self, force: bool = False) -> None:
+        self.checkpointer.save(self.step, self.state, self.loader.state(), self.config.to_dict(), self.layout,
+                               force=force)
+
+    def _evaluate(self) -> None:
+        self.val_loss, val_tokens = evaluate(self.steps, self.state.params, self.store, self.config)
+        self.metrics.write({"kind": "eval", "step": self.step, "val_loss": self.val_loss,
+                            "val_perplexity": math.exp(min(self.val_loss, 50.0)), "val_tokens": val_tokens})
+        self._restart_window()
+
+    def _stop_for_preemption(self) -> None:
+        """SIGTERM: save this step, wait until it is on disk, and say how to resume."""
+        self._checkpoint(force=True)
+        self.checkpointer.wait()
+        self.preempted = True
+        self.log(f"\nSIGTERM: stopped after step {self.step}; saved checkpoint {self.step} in "
+                 f"{self.checkpointer.directory}. Run the same command again to resume.")
+
+    # -- the end
+
+    def result(self) -> TrainResult:
+        """The run's outcome (after `loop`); a finished run started again is evaluated here."""
+        config = self.config
+        if self.val_loss is None and not self.preempted:  # nothing left to train: report the finished run
+            self.val_loss, _ = evaluate(self.steps, self.state.params, self.store, config)
+            logged = [r["loss"] for r in read_metrics(self.metrics_path) if r.get("kind") == "train"]
+            self.train_loss = logged[-1] if logged else self.train_loss
+        plot_path = None
+        if config.log.plot and not self.preempted:
+            plot_path = plot_losses(self.metrics_path, os.path.join(config.run_dir, "loss.png"))
+        return TrainResult(run_dir=config.run_dir, step=self.step, train_loss=self.train_loss,
+                           val_loss=self.val_loss, skipped=int(self.state.skipped), preempted=self.preempted,
+                           metrics_path=self.metrics_path, plot_path=plot_path)
+
+
+def train(config: TrainConfig, log=print, hooks: Sequence[StepHook] = ()) -> TrainResult:
+    """Train (or resume) the run in `config.run_dir`; returns when done or preempted. hooks: StepHooks run
+    around every step."""
+    run = Run(config, log)
+    run.loop(hooks)
+    return run.result()
 
 
 def _handle_nonfinite(config: TrainConfig, step: int, steps: Steps, checkpointer: Checkpointer, layout: dict,
