@@ -12,6 +12,7 @@ import importlib
 _EXPORTS = {
     "model.config": ("PRESETS", "ConfigError", "Execution", "ModelConfig", "RopeScaling", "flops_per_token",
                      "get_preset", "param_count"),
+    "model.load": ("LoadedModel", "convert_to_checkpoint", "load_model"),
     "model.loss": ("cross_entropy",),
     "model.placement": ("abstract_model", "init_model", "init_on_mesh", "place_on_mesh", "sharded_forward"),
     "model.sharding": ("DEFAULT_RULES", "MESH_AXES", "ShardingError", "activation_sharding", "constrain",
