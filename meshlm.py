@@ -150,17 +150,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
     loaded = _load(args, mesh)
     config, tokenizer = loaded.config, model_tokenizer(loaded)
-    decoder = Decoder(config, loaded.graphdef, loaded.params, mesh=mesh)
+    allowed = tokenizer.valid_ids(config.vocab_size)
+    decoder = Decoder(config, loaded.graphdef, loaded.params, mesh=mesh, allowed=allowed)
     sampling = _sampling(args, tokenizer)
-    draft = None
     if args.draft:
+        from infer.speculative import SpeculativeDecoder
+
         drafted = load_model(checkpoint=args.draft, mesh=mesh)
-        draft = Decoder(drafted.config, drafted.graphdef, drafted.params, mesh=mesh)
+        draft = Decoder(drafted.config, drafted.graphdef, drafted.params, mesh=mesh, allowed=allowed)
+        decoder = SpeculativeDecoder(decoder, draft, k=args.draft_tokens)
     print(f"meshlm generate: {config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size} "
-          f"from {loaded.source}" + (f"; draft {args.draft}, {args.draft_tokens} tokens per round" if draft else ""),
-          file=sys.stderr)
+          f"from {loaded.source}" + (f"; draft {args.draft}, {args.draft_tokens} tokens per round"
+                                     if args.draft else ""), file=sys.stderr)
     start = time.perf_counter()
-    if args.stream and draft is None:
+    if args.stream and not args.draft:
         count = 0
         for piece in stream_text(decoder, args.prompt, tokenizer, sampling, chunk=args.stream_chunk,
                                  truncate=args.truncate):
@@ -169,12 +172,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print()
         print(f"meshlm generate: streamed in {count} pieces, {time.perf_counter() - start:.2f} s", file=sys.stderr)
         return 0
-    stats: list = []
-    [result] = generate(decoder, [args.prompt], tokenizer, sampling, draft=draft, draft_tokens=args.draft_tokens,
-                        truncate=args.truncate, stats=stats)
+    [result] = generate(decoder, [args.prompt], tokenizer, sampling, truncate=args.truncate)
     print(result.text)
     elapsed = time.perf_counter() - start
-    extra = f"; draft acceptance {stats[0].acceptance_rate:.0%}" if stats else ""
+    stats = getattr(decoder, "last_stats", None)
+    extra = f"; draft acceptance {stats.acceptance_rate:.0%}" if stats else ""
     print(f"meshlm generate: {len(result.token_ids)} tokens ({result.finish_reason}) in {elapsed:.2f} s{extra}",
           file=sys.stderr)
     return 0
@@ -191,7 +193,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise InferenceError(f"{loaded.source} has no chat template: chat needs a GGUF "
                              "file or a checkpoint converted from one")
     tokenizer = model_tokenizer(loaded)
-    decoder = Decoder(loaded.config, loaded.graphdef, loaded.params)
+    decoder = Decoder(loaded.config, loaded.graphdef, loaded.params,
+                      allowed=tokenizer.valid_ids(loaded.config.vocab_size))
     end_of_turn = [i for i in (tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|eot_id|>")) if i is not None]
     sampling = _sampling(args, tokenizer, end_of_turn)
     messages = [{"role": "system", "content": args.system}] if args.system else []

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import regex
 import tiktoken
 
@@ -177,6 +178,21 @@ class Tokenizer:
         for i, text in enumerate(texts):
             _check_text(text, f"encode_batch (text {i})")
         return [self._known(ids) for ids in self._enc().encode_ordinary_batch(texts, num_threads=num_threads)]
+
+    def valid_ids(self, size: int | None = None) -> np.ndarray:
+        """bool [size] (default vocab_size): which ids are tokens of this tokenizer. An id it cannot decode (a
+        hole in the id range, as cl100k_base has; a padding row of a model's embedding past the vocabulary)
+        is False: a decoder must never draw it."""
+        enc = self._enc()
+        size = self.vocab_size if size is None else size
+        valid = np.zeros(size, bool)
+        for i in range(min(size, self.vocab_size)):
+            try:
+                enc.decode_single_token_bytes(i)
+            except KeyError:
+                continue
+            valid[i] = True
+        return valid
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`; bytes that are not valid UTF-8 (a cut-off character) become U+FFFD."""

@@ -24,14 +24,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
-from infer.decode import OnMesh, bucket, place_params, prefill_logits
-from infer.sampling import InferenceError, RowSampling, SamplingParams, processed_logprobs, row_keys, sample
-from model.cache import CACHE_AXES, KVCache, cache_bytes, init_cache
+from infer.sampling import InferenceError, RowSampling, SamplingParams, check_request, draw, row_keys
+from infer.step import OnMesh, StepWeights, bucket, decode_step, prefill, step_weights
+from model.cache import KVCache, cache_bytes
 from model.config import ModelConfig
-from model.sharding import DEFAULT_RULES, Rules, check_divisible, constrain, named_sharding
+from model.sharding import DEFAULT_RULES, Rules, check_divisible, named_sharding
 
 MIN_BUCKET = 16  # the shortest prompt bucket and cache a prefill makes
 
@@ -76,33 +75,43 @@ class Engine(OnMesh):
     """
 
     def __init__(self, config: ModelConfig, graphdef: Any, params: Any, slots: int = 8, max_length: int | None = None,
-                 mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, prefill_chunk: int = 512):
-        if not isinstance(slots, int) or slots < 1:
+                 mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, prefill_chunk: int = 512,
+                 allowed: np.ndarray | None = None):
+        if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise InferenceError(f"slots must be a positive integer, got {slots!r}")
         max_length = config.max_seq_len if max_length is None else max_length
         if not isinstance(max_length, int) or not 2 <= max_length <= config.max_seq_len:
             raise InferenceError(f"max_length must be an integer in [2, {config.max_seq_len}] (the model's "
                                  f"max_seq_len), got {max_length!r}")
-        self.config, self.graphdef, self.mesh, self.rules = config, graphdef, mesh, rules
+        super().__init__(config, graphdef, params, mesh, rules, allowed)
         self.shards = self.batch_shards
         self.slots = -(-slots // self.shards) * self.shards
         self.max_length, self.prefill_chunk = max_length, prefill_chunk
         if mesh is not None:
             check_divisible("engine slots", (self.slots,), ("batch",), mesh, rules)
-        params = place_params(config, params, mesh, rules)
-        # Each layer's weights as their own arrays, made once: a one-step function that sliced the stacked
-        # weights would copy every layer's weights at every step. The stacked arrays are then replaced by
-        # empty placeholders (nothing reads them: with_cache runs on `layer_params`), so weights are held once.
-        split = jax.jit(lambda p: (_model(graphdef, p).layer_params(), _model(graphdef, p).head()))
-        with self._context():
-            self.layer_params, self.head = split(params)
-        self.params = dict(params, layers=jax.tree.map(self._placeholder, params["layers"]))
+        # Each layer's weights as their own arrays, made once (see StepWeights). The stacked arrays are then
+        # dropped (replaced by empty placeholders) so that the weights are held once: the engine keeps
+        # `weights` and the rest (`_outer`), not the parameters a full forward pass needs.
+        with self.context():
+            self.weights: StepWeights = jax.jit(lambda p: step_weights(self.model(p)))(self._placed)
+        self._outer = dict(self._placed, layers=jax.tree.map(self._placeholder, self._placed["layers"]))
+        del self._placed
         self.traces = {"prefill": 0, "generate": 0, "insert": 0}  # how often each function was traced
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("length", "chunk"), donate_argnames=("cache",))
         self._insert = jax.jit(self._insert_fn, donate_argnames=("state",))
         self._generate = jax.jit(self._generate_fn, static_argnames=("visible",), donate_argnames=("state",))
         self._extract = jax.jit(self._extract_fn, static_argnames=("length",))
         self._resize = jax.jit(self._resize_fn, static_argnames=("length",))
+
+    @property
+    def params(self):
+        raise InferenceError("an Engine does not keep the stacked parameters a full forward pass needs (it holds "
+                             "each layer's weights separately, in engine.weights); build the model from the "
+                             "parameters you gave the Engine instead")
+
+    @params.setter
+    def params(self, placed):  # OnMesh places the parameters; __init__ splits them into weights and the rest
+        self._placed = placed
 
     # ------------------------------------------------------------------ the three verbs
 
@@ -112,9 +121,8 @@ class Engine(OnMesh):
 
         reuse: (a cache holding an earlier sequence's KV, n): its first n positions hold the KV of
         prompt[:n] (a prefix-cache hit); only prompt[n:] is computed."""
-        prompt = [int(t) for t in prompt]
+        prompt = self.check(prompt, params)
         n, start = len(prompt), (reuse[1] if reuse is not None else 0)
-        self.check(prompt, params)
         if not 0 <= start < n:
             raise InferenceError(f"reuse: {start} reused tokens for a prompt of {n}; reuse fewer than the prompt")
         length = self.cache_bucket(n)
@@ -123,12 +131,12 @@ class Engine(OnMesh):
         tokens = np.zeros((self.shards, width), np.int32)
         tokens[:, :new] = prompt[start:]
         cache = None if reuse is None else self._resize(reuse[0], length=length)
-        sampling = tuple(self._put(x, ("batch",)) for x in RowSampling.host_arrays([params] * self.shards,
+        sampling = tuple(self.put(x, ("batch",)) for x in RowSampling.host_arrays([params] * self.shards,
                                                                                    self.shards))
         token, logprob, cache, rows = self._prefill(
-            self.params, self.layer_params, self._put(tokens, ("batch", "length")),
-            self._put(np.full(self.shards, start, np.int32), ("batch",)),
-            self._put(np.full(self.shards, new, np.int32), ("batch",)), cache, sampling,
+            self._outer, self.weights, self.put(tokens, ("batch", "length")),
+            self.put(np.full(self.shards, start, np.int32), ("batch",)),
+            self.put(np.full(self.shards, new, np.int32), ("batch",)), cache, sampling,
             length=length, chunk=min(self.prefill_chunk, width))
         token, logprob = jax.device_get((token, logprob))
         return Prefill(cache, n, int(token[0]), float(logprob[0]), rows, start)
@@ -147,7 +155,7 @@ class Engine(OnMesh):
         attention then reads only the first cache_bucket(longest) positions, so a step's cost follows the
         busy sequences' lengths, not max_length (one compiled step per bucket). Default: all positions."""
         visible = self.max_length if longest is None else self.cache_bucket(longest)
-        state, tokens, logprobs = self._generate(self.params, self.layer_params, self.head, state, visible=visible)
+        state, tokens, logprobs = self._generate(self._outer, self.weights, state, visible=visible)
         return state, Step(np.asarray(jax.device_get(tokens)), logprobs)
 
     # ------------------------------------------------------------------ around them
@@ -155,13 +163,11 @@ class Engine(OnMesh):
     def init_state(self) -> SlotState:
         """Every slot free: positions past the cache's end, so free slots write nothing."""
         rows = RowSampling.from_params([], self.slots)
-        state = SlotState(cache=self._new_cache(self.slots, self.max_length),
-                          tokens=self._put(np.zeros(self.slots, np.int32), ("batch",)),
-                          lengths=self._put(np.full(self.slots, self.max_length, np.int32), ("batch",)),
-                          generated=self._put(np.zeros(self.slots, np.int32), ("batch",)), rows=rows)
-        if self.mesh is not None:
-            state = state.replace(rows=jax.device_put(rows, named_sharding(self.mesh, ("batch",), self.rules)))
-        return state
+        return SlotState(cache=self.new_cache(self.slots, self.max_length),
+                         tokens=self.put(np.zeros(self.slots, np.int32), ("batch",)),
+                         lengths=self.put(np.full(self.slots, self.max_length, np.int32), ("batch",)),
+                         generated=self.put(np.zeros(self.slots, np.int32), ("batch",)),
+                         rows=self.put_tree(rows, ("batch",)))
 
     def warm_up(self) -> None:
         """Compile the generate step for every attention length and a short prefill and insert, so the
@@ -179,18 +185,9 @@ class Engine(OnMesh):
         prefix cache keeps of a finished sequence."""
         return self._extract(state.cache, jnp.int32(slot), length=self.cache_bucket(length))
 
-    def check(self, prompt: Sequence[int], params: SamplingParams) -> None:
-        """A request fits: a non-empty prompt of known token ids that, with max_new_tokens, fits max_length."""
-        if not prompt:
-            raise InferenceError("prompt is empty; give at least one token")
-        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise InferenceError(f"prompt has token id {bad[0]} outside the vocabulary "
-                                 f"(0..{self.config.vocab_size - 1})")
-        if len(prompt) + params.max_new_tokens > self.max_length:
-            raise InferenceError(
-                f"the prompt has {len(prompt)} tokens and max_tokens is {params.max_new_tokens}: together more than "
-                f"the {self.max_length} tokens of context this engine serves; shorten the prompt or lower max_tokens")
+    def check(self, prompt: Sequence[int], params: SamplingParams) -> list[int]:
+        """`check_request` against this engine's context (max_length): the prompt's ids, or a RequestError."""
+        return check_request(prompt, params, vocab_size=self.config.vocab_size, context=self.max_length)
 
     def cache_bucket(self, n: int) -> int:
         """The cache length a sequence of n tokens is held in: a power of two (>= MIN_BUCKET), at most max_length."""
@@ -198,7 +195,11 @@ class Engine(OnMesh):
 
     def cache_bytes(self, length: int) -> int:
         """Device memory of one sequence's cache of `length` positions (all its rows)."""
-        return cache_bytes(self.config, self.shards, length)
+        return cache_bytes(self.config, self.shards, length, self.cache_dtype)
+
+    @property
+    def cache_dtype(self):
+        return self.model(self._outer).execution.compute_jnp_dtype
 
     # ------------------------------------------------------------------ compiled pieces
 
@@ -206,23 +207,21 @@ class Engine(OnMesh):
         empty = np.zeros((0,), x.dtype)
         return jax.device_put(empty) if self.mesh is None else jax.device_put(empty, named_sharding(self.mesh, ()))
 
-    def _prefill_fn(self, params, layer_params, tokens, starts, lengths, cache, sampling, length, chunk):
+    def _prefill_fn(self, outer, weights: StepWeights, tokens, starts, lengths, cache, sampling, length, chunk):
         """One call: a zero cache of `length` positions (unless `cache` is given, holding reused KV), the
         prompt run into it, the first token drawn. -> (tokens, log-probs, cache, the rows' RowSampling)."""
         self.traces["prefill"] += 1
-        with self._context():
+        with self.context():
             if cache is None:
-                cache = init_cache(self.config, tokens.shape[0], length)
-                cache = KVCache(*(tuple(constrain(x, CACHE_AXES) for x in kv) for kv in (cache.k, cache.v)))
+                cache = self.new_cache(tokens.shape[0], length, inside=True)
             rows = RowSampling.build(*sampling)
-            logits, cache = prefill_logits(_model(self.graphdef, params), tokens, starts, lengths, cache, chunk,
-                                           layer_params)
-            token, logprob = _draw(logits, rows)
-            return token, logprob, cache, rows
+            logits, cache = prefill(self.model(outer), tokens, starts, lengths, cache, chunk, weights.layers)
+            drawn = draw(logits, rows, row_keys(rows, jnp.zeros(tokens.shape[0], jnp.int32)), self.allowed)
+            return drawn.tokens, drawn.logprobs, cache, rows
 
     def _insert_fn(self, state: SlotState, cache: KVCache, rows: RowSampling, token, length, slot) -> SlotState:
         self.traces["insert"] += 1
-        with self._context():
+        with self.context():
             def put(big: jax.Array, small: jax.Array) -> jax.Array:  # row 0 of small into row `slot` of big
                 return jax.lax.dynamic_update_slice(big, small[:1].astype(big.dtype), (slot, 0, 0, 0))
 
@@ -231,23 +230,22 @@ class Engine(OnMesh):
                              lengths=state.lengths.at[slot].set(length), generated=state.generated.at[slot].set(1),
                              rows=jax.tree.map(lambda a, b: a.at[slot].set(b[0]), state.rows, rows))
 
-    def _generate_fn(self, params, layer_params, head, state: SlotState, visible: int):
+    def _generate_fn(self, outer, weights: StepWeights, state: SlotState, visible: int):
         self.traces["generate"] += 1
-        with self._context():
-            model = _model(self.graphdef, params)
-            hidden, cache = model.with_cache(state.tokens[:, None], state.lengths[:, None], state.cache,
-                                             layer_params=layer_params, visible=visible)
-            tokens, logprobs = _draw(model.logits(hidden, head)[:, 0], state.rows, state.generated)
-            state = state.replace(cache=cache, tokens=tokens, generated=state.generated + 1,
+        with self.context():
+            logits, cache = decode_step(self.model(outer), weights, state.tokens[:, None], state.lengths[:, None],
+                                        state.cache, visible=visible)
+            drawn = draw(logits[:, 0], state.rows, row_keys(state.rows, state.generated), self.allowed)
+            state = state.replace(cache=cache, tokens=drawn.tokens, generated=state.generated + 1,
                                   lengths=jnp.minimum(state.lengths + 1, self.max_length))
-            return state, tokens, logprobs
+            return state, drawn.tokens, drawn.logprobs
 
     def _extract_fn(self, cache: KVCache, slot, length: int) -> KVCache:
         def row(x: jax.Array) -> jax.Array:  # [slots, kv_heads, max_length, head_dim] -> [shards, ..., length, ...]
             one = jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)[:, :, :length]
             return jnp.broadcast_to(one, (self.shards, *one.shape[1:]))
 
-        with self._context():
+        with self.context():
             return KVCache(tuple(map(row, cache.k)), tuple(map(row, cache.v)))
 
     def _resize_fn(self, cache: KVCache, length: int) -> KVCache:
@@ -256,18 +254,5 @@ class Engine(OnMesh):
             keep = min(x.shape[2], length)
             return jnp.zeros((*x.shape[:2], length, x.shape[3]), x.dtype).at[:, :, :keep].set(x[:, :, :keep])
 
-        with self._context():
+        with self.context():
             return KVCache(tuple(map(fit, cache.k)), tuple(map(fit, cache.v)))
-
-
-def _model(graphdef: Any, params: Any):
-    return nnx.merge(graphdef, params)
-
-
-def _draw(logits: jax.Array, rows: RowSampling, counter: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Each row's next token from logits [batch, vocab] (its `counter`-th draw; default the first), and its
-    log-probability under the model (before temperature and filters, as the decode loop reports it)."""
-    counter = jnp.zeros(logits.shape[0], jnp.int32) if counter is None else counter
-    token = sample(processed_logprobs(logits, rows), row_keys(rows, counter))
-    raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return token, jnp.take_along_axis(raw, token[:, None], axis=-1)[:, 0]

@@ -6,7 +6,8 @@
     for piece in stream_text(decoder, "def fib(n):", tokenizer, SamplingParams(max_new_tokens=40)):
         print(piece, end="", flush=True)
 
-`draft=` (a Decoder of a smaller model with the same tokenizer) turns on speculative sampling. A released
+`generate` takes a SpeculativeDecoder (a target and a draft Decoder) in place of a Decoder for speculative
+sampling. A released
 model (`load_model(model="smollm2-135m")`, `gguf=...`) brings its own tokenizer and chat template (`render_chat`).
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from infer.decode import Decoder, Generation, _per_prompt
+from infer.decode import Decoder, Generation, per_prompt
 from infer.sampling import InferenceError, SamplingParams
 
 if TYPE_CHECKING:
@@ -78,7 +79,7 @@ def generate(decoder: Decoder, prompts: Sequence[str | Sequence[int]], tokenizer
     first stop string. With `draft`, speculative sampling proposes `draft_tokens` tokens per round
     (`stats`, when a list, receives its SpeculativeStats)."""
     ids = _encode(prompts, tokenizer)
-    params = _per_prompt(params, len(ids))
+    params = per_prompt(params, len(ids))
     if draft is not None:
         from infer.speculative import speculative_generate
 

@@ -29,7 +29,7 @@ from infer.engine import Engine
 from infer.generate import TextStream
 from infer.metrics import ServingMetrics
 from infer.prefix_cache import BLOCK, PrefixCache
-from infer.sampling import InferenceError, SamplingParams
+from infer.sampling import InferenceError, SamplingParams, finish_reason
 
 log = logging.getLogger("meshlm.serve")
 
@@ -102,7 +102,7 @@ class Scheduler:
 
     def submit(self, request: Request) -> None:
         """Queue a request, or refuse it: InferenceError (it can never run), Overloaded (not now)."""
-        self.engine.check(request.prompt, request.params)
+        request.prompt = self.engine.check(request.prompt, request.params)
         if request.params.stop and self.tokenizer is None:
             raise InferenceError("stop strings need a tokenizer; this scheduler has none (use stop_token_ids)")
         with self._cv:
@@ -269,14 +269,11 @@ class Scheduler:
         request.last_token_at = now
         request.generated.append(token)
         self.metrics.generation_tokens.inc()
-        params = request.params
-        reason = "stop" if token in params.stop_token_ids else None
-        new = [] if reason else [token]
+        reason = finish_reason(token, len(request.generated), request.params)
+        new = [] if reason == "stop" else [token]  # a final stop id is not shown
         text = request.text.add(new) if request.text is not None else ""
-        if request.text is not None and request.text.stopped:
+        if request.text is not None and request.text.stopped:  # a stop string
             reason = "stop"
-        elif reason is None and len(request.generated) >= params.max_new_tokens:
-            reason = "length"
         if reason is not None and request.text is not None:
             text += request.text.finish()
         if reason is None:

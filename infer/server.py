@@ -39,12 +39,11 @@ from starlette.routing import Route
 
 from infer.generate import model_tokenizer, render_chat
 from infer.metrics import ServingMetrics
-from infer.sampling import InferenceError, SamplingParams
+from infer.sampling import InferenceError, RequestError, SamplingParams, check_request
 from infer.scheduler import Event, Overloaded, Request, Scheduler
 
 log = logging.getLogger("meshlm.serve")
 
-MAX_STOP = 8  # stop strings per request
 DISCONNECT_POLL = 0.5  # seconds between checks that the client of a non-streamed request is still there
 
 
@@ -282,20 +281,12 @@ class Server:
             raise ApiError(404, f"model {body.model!r} is not served here; GET /v1/models lists "
                            f"{serving.model_name!r}", "model", kind="not_found_error")
         ids, field = (self._chat_prompt(serving, body), "messages") if chat else (self._prompt(serving, body), "prompt")
-        if len(ids) >= serving.max_length:
-            raise ApiError(400, f"{field}: {len(ids)} tokens; this server's context is {serving.max_length} tokens "
-                           "(prompt and completion together)", field)
+        budget = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
         max_tokens = (body.max_completion_tokens if chat else None) or body.max_tokens
-        room = serving.max_length - len(ids)
-        if max_tokens is None:
+        if max_tokens is None:  # the rest of the context (chat), OpenAI's 16 (completions); at least 1
+            room = max(serving.max_length - len(ids), 1)
             max_tokens = room if chat else min(self.options.completion_max_tokens, room)
-        elif max_tokens > room:
-            name = "max_completion_tokens" if chat and body.max_completion_tokens else "max_tokens"
-            raise ApiError(400, f"{name}: the prompt has {len(ids)} tokens, so at most {room} more fit in this "
-                           f"server's context of {serving.max_length}; asked for {max_tokens}", name)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ApiError(400, f"stop: at most {MAX_STOP} non-empty strings", "stop")
         stop_ids = () if body.ignore_eos else (serving.chat_stop_token_ids if chat else serving.stop_token_ids)
         try:
             params = SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature,
@@ -304,6 +295,11 @@ class Server:
                                     stop=tuple(stops), stop_token_ids=stop_ids)
         except InferenceError as e:
             raise ApiError(400, str(e), str(e).split(" ")[0]) from None
+        try:  # the one request check (the engine's, with this API's field names)
+            ids = check_request(ids, params, vocab_size=serving.scheduler.engine.config.vocab_size,
+                                context=serving.max_length, prompt_name=field, budget_name=budget)
+        except RequestError as e:
+            raise ApiError(400, str(e), e.param) from None
         self.limit(self.tpm, key, len(ids) + max_tokens, "tokens")
         return await self._run(request, serving, body, ids, params, chat)
 
@@ -315,13 +311,8 @@ class Server:
                                "prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            if not prompt:
-                raise ApiError(400, "prompt: empty", "prompt")
             return serving.tokenizer.encode(prompt, special=True)
-        vocab = serving.scheduler.engine.config.vocab_size
-        if not prompt or any(not 0 <= t < vocab for t in prompt):
-            raise ApiError(400, f"prompt: token ids must be a non-empty list of integers in [0, {vocab})", "prompt")
-        return list(prompt)
+        return list(prompt)  # token ids: `check_request` checks them
 
     def _chat_prompt(self, serving: Serving, body: ChatBody) -> list[int]:
         if not serving.chat_template:
@@ -347,8 +338,10 @@ class Server:
         except Overloaded as e:
             raise ApiError(503, str(e), kind="service_unavailable",
                            headers={"Retry-After": str(math.ceil(e.retry_after))}) from None
+        except RequestError as e:
+            raise ApiError(400, str(e), e.param) from None
         except InferenceError as e:
-            raise ApiError(400, str(e), "prompt") from None
+            raise ApiError(400, str(e)) from None
         shape = _Shape(job.id, serving.model_name, chat)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -487,7 +480,8 @@ def build_serving(loaded: Any, metrics: ServingMetrics, *, model_name: str, slot
     tokenizer = model_tokenizer(loaded)
     if engine is None:
         max_length = max_length or min(loaded.config.max_seq_len, 2048)
-        engine = Engine(loaded.config, loaded.graphdef, loaded.params, slots=slots, max_length=max_length, mesh=mesh)
+        engine = Engine(loaded.config, loaded.graphdef, loaded.params, slots=slots, max_length=max_length, mesh=mesh,
+                        allowed=tokenizer.valid_ids(loaded.config.vocab_size))
     if warm_up:
         engine.warm_up()
     end_of_turn = [i for i in (tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|eot_id|>")) if i is not None]

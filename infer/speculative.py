@@ -3,6 +3,7 @@ the target scores all of them in one forward pass, and a rejection rule keeps ex
 distribution.
 
 One round, per row (rows accept different numbers of tokens and carry their own lengths):
+0. (once, at prefill) both models read the prompt; the target draws the first token;
 1. the draft feeds the row's last token and samples d_1..d_k from its distributions q_1..q_k
    (k + 1 draft steps: the last one only writes d_k into the draft's cache);
 2. the target feeds [last, d_1..d_k] at once and gets p_1..p_{k+1};
@@ -14,6 +15,12 @@ One round, per row (rows accept different numbers of tokens and carry their own 
 p and q are the distributions after the row's sampling controls (temperature, top-k, top-p, min-p),
 so the output follows the target's sampled distribution; at temperature 0 both are one-hot and the
 output is the target's greedy output token for token. The rounds run in a `lax.while_loop`.
+
+Every forward pass is `decode_step` (infer/step.py): the draft's single-token steps and the target's
+verification of [last, d_1..d_k]; the draft's tokens are drawn with `draw` (infer/sampling.py).
+
+    speculative = SpeculativeDecoder(target, draft, k=4)   # two Decoders on the same mesh
+    results = speculative.generate_ids(prompts, SamplingParams(max_new_tokens=64))
 """
 
 from __future__ import annotations
@@ -25,10 +32,19 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from infer.decode import Decoder, Generation, _per_prompt, finish
-from infer.sampling import InferenceError, RowSampling, SamplingParams, processed_logprobs, row_keys
+from infer.decode import Decoder, Generation, collect, per_prompt
+from infer.sampling import (
+    InferenceError,
+    RowSampling,
+    SamplingParams,
+    draw,
+    masked,
+    processed_logprobs,
+    row_done,
+    row_keys,
+)
+from infer.step import decode_step, step_weights
 from model.cache import KVCache
 
 
@@ -60,6 +76,7 @@ class SpeculativeStats:
 
 
 def check_draft(target: Decoder, draft: Decoder) -> None:
+    """A draft must share the target's vocabulary and mesh."""
     if draft.config.vocab_size != target.config.vocab_size:
         raise InferenceError(f"draft: its vocabulary has {draft.config.vocab_size} tokens, the target's "
                              f"{target.config.vocab_size}; a draft must use the target's tokenizer")
@@ -68,18 +85,62 @@ def check_draft(target: Decoder, draft: Decoder) -> None:
         raise InferenceError("draft: it must live on the same mesh as the target")
 
 
-def _round_fn(target: Decoder, draft: Decoder, k: int):
-    """One jitted function: run speculative rounds until every row is done."""
+class SpeculativeDecoder:
+    """A target and a draft Decoder (same vocabulary, same mesh) that generate together: exactly the target's
+    distribution, in fewer target passes when the draft guesses well. It owns its compiled rounds.
 
-    def run(target_params, draft_params, state: SpecState, rows: RowSampling) -> SpecState:
-        with target._context():
-            t_model = nnx.merge(target.graphdef, target_params)
-            d_model = nnx.merge(draft.graphdef, draft_params)
-            batch = state.last.shape[0]
-            out_length = state.tokens.shape[1]
+    k: draft tokens proposed per round."""
+
+    def __init__(self, target: Decoder, draft: Decoder, k: int = 4):
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise InferenceError(f"draft_tokens must be a positive integer, got {k!r}")
+        check_draft(target, draft)
+        self.target, self.draft, self.k = target, draft, k
+        self.last_stats: SpeculativeStats | None = None
+        self._rounds = jax.jit(self._rounds_fn, donate_argnames=("state",))
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
+                     truncate: bool = False, stats: list | None = None) -> list[Generation]:
+        """Continue every prompt (token ids) with speculative sampling; `stats`, when a list, receives a
+        SpeculativeStats (also kept as `last_stats`)."""
+        target, draft, k = self.target, self.draft, self.k
+        params = per_prompt(params, len(prompts))
+        if any(p.logprobs for p in params):
+            raise InferenceError("logprobs: top alternatives are not reported with a draft model; drop one of them")
+        prompts = target.check(prompts, params, truncate, extra=k + 1)
+        out_length = max(p.max_new_tokens for p in params) + k + 1
+        # both caches hold the prompts; the target draws the first token (the draft's own first draw is unused)
+        t_state, rows = target.start(prompts, params, out_length, extra=k + 1)
+        d_state, _ = draft.start(prompts, params, out_length, extra=k + 1)
+        if d_state.cache.length != t_state.cache.length:
+            raise InferenceError("draft: its context (max_seq_len) is shorter than this request needs; "
+                                 f"draft {draft.config.max_seq_len}, target {target.config.max_seq_len}")
+        def zeros():
+            return target.put(np.zeros(t_state.lengths.shape, np.int32), ("batch",))
+
+        state = SpecState(
+            target_cache=t_state.cache, draft_cache=d_state.cache, last=t_state.last, lengths=t_state.lengths,
+            generated=t_state.generated, done=t_state.done, max_new=t_state.max_new, stop_ids=t_state.stop_ids,
+            tokens=t_state.tokens, logprobs=t_state.logprobs, proposed=zeros(), accepted=zeros())
+        state = self._rounds(target.params, draft.params, state, rows)
+        results = collect(t_state.replace(tokens=state.tokens, logprobs=state.logprobs, generated=state.generated),
+                          prompts, params)
+        proposed, accepted = jax.device_get((state.proposed, state.accepted))
+        n = len(prompts)
+        self.last_stats = SpeculativeStats(int(proposed[:n].sum()), int(accepted[:n].sum()),
+                                           int(np.max(proposed[:n])) // k if n else 0)
+        if stats is not None:
+            stats.append(self.last_stats)
+        return results
+
+    def _rounds_fn(self, target_params, draft_params, state: SpecState, rows: RowSampling) -> SpecState:
+        """Speculative rounds until every row is done."""
+        target, draft, k = self.target, self.draft, self.k
+        with target.context():
+            t_model, d_model = target.model(target_params), draft.model(draft_params)
+            t_weights, d_weights = step_weights(t_model), step_weights(d_model)  # once, outside the loop
+            batch, out_length = state.last.shape[0], state.tokens.shape[1]
             index = jnp.arange(k + 1)
-            t_layers, d_layers = t_model.layer_params(), d_model.layer_params()  # once, outside the loop
-            t_head, d_head = t_model.head(), d_model.head()
 
             def cond(s: SpecState):
                 return ~jnp.all(s.done)
@@ -89,21 +150,21 @@ def _round_fn(target: Decoder, draft: Decoder, k: int):
                 # 1. draft: k + 1 single-token steps
                 d_cache, token, drafts, q_probs = s.draft_cache, s.last, [], []
                 for i in range(k + 1):
-                    hidden, d_cache = d_model.with_cache(token[:, None], (s.lengths + i)[:, None], d_cache,
-                                                         layer_params=d_layers)
+                    logits, d_cache = decode_step(d_model, d_weights, token[:, None], (s.lengths + i)[:, None],
+                                                  d_cache)
                     if i == k:
                         break
-                    q = jnp.exp(processed_logprobs(d_model.logits(hidden, d_head)[:, 0], rows))
-                    token = jax.vmap(jax.random.categorical)(keys[:, i], jnp.log(q)).astype(jnp.int32)
+                    drawn = draw(logits[:, 0], rows, keys[:, i], draft.allowed)
+                    token = drawn.tokens
                     drafts.append(token)
-                    q_probs.append(q)
+                    q_probs.append(jnp.exp(drawn.distribution))
                 drafts_arr = jnp.stack(drafts, axis=1)  # [batch, k]
                 q_all = jnp.stack(q_probs, axis=1)  # [batch, k, vocab]
-                # 2. target: [last, d_1..d_k] in one pass
+                # 2. target: [last, d_1..d_k] in one step
                 fed = jnp.concatenate([s.last[:, None], drafts_arr], axis=1)
-                positions = s.lengths[:, None] + index[None]
-                hidden, t_cache = t_model.with_cache(fed, positions, s.target_cache, layer_params=t_layers)
-                logits = t_model.logits(hidden, t_head)  # [batch, k + 1, vocab]
+                logits, t_cache = decode_step(t_model, t_weights, fed, s.lengths[:, None] + index[None],
+                                              s.target_cache)  # [batch, k + 1, vocab]
+                logits = masked(logits, target.allowed)  # as `draw` sees them
                 p_all = jax.vmap(lambda lg: jnp.exp(processed_logprobs(lg, rows)), in_axes=1, out_axes=1)(logits)
                 # 3. accept / reject
                 p_d = jnp.take_along_axis(p_all[:, :k], drafts_arr[..., None], axis=-1)[..., 0]
@@ -117,20 +178,20 @@ def _round_fn(target: Decoder, draft: Decoder, k: int):
                 residual = jnp.maximum(p_n - q_n, 0.0)
                 residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_n)
                 extra = jax.vmap(jax.random.categorical)(keys[:, 2 * k], jnp.log(residual)).astype(jnp.int32)
-                # 4. the round's tokens: d_1..d_n, then `extra`
+                # 4. the round's tokens: d_1..d_n, then `extra`, cut after the first that ends the row
                 window = jnp.where(index[None] < n[:, None], jnp.pad(drafts_arr, ((0, 0), (0, 1))), extra[:, None])
                 raw = jax.nn.log_softmax(logits, axis=-1)
                 window_lp = jnp.take_along_axis(raw, window[..., None], axis=-1)[..., 0]
-                count = n + 1
-                is_stop = jnp.any(window[..., None] == s.stop_ids[:, None, :], axis=-1) & (index[None] < count[:, None])
-                first_stop = jnp.min(jnp.where(is_stop, index[None], k + 1), axis=1)
-                count = jnp.minimum(count, first_stop + 1)
+                ends = row_done(window, s.generated[:, None] + 1 + index[None], s.stop_ids[:, None, :],
+                                s.max_new[:, None]) | (index[None] >= n[:, None])
+                count = jnp.min(jnp.where(ends, index[None], k), axis=1) + 1  # through the first that ends
+                last = jnp.take_along_axis(window, (count - 1)[:, None], axis=1)[:, 0]
                 active = ~s.done
                 slots = jnp.where(active[:, None] & (index[None] < count[:, None]),
                                   s.generated[:, None] + index[None], out_length)
                 rows_index = jnp.arange(batch)[:, None]
                 generated = s.generated + jnp.where(active, count, 0)
-                done = s.done | (active & ((first_stop <= k) | (generated >= s.max_new)))
+                done = s.done | (active & row_done(last, generated, s.stop_ids, s.max_new))
                 return s.replace(
                     target_cache=t_cache, draft_cache=d_cache,
                     last=jnp.where(active, extra, s.last), lengths=s.lengths + jnp.where(active, n + 1, 0),
@@ -140,53 +201,3 @@ def _round_fn(target: Decoder, draft: Decoder, k: int):
                     proposed=s.proposed + jnp.where(active, k, 0), accepted=s.accepted + jnp.where(active, n, 0))
 
             return jax.lax.while_loop(cond, body, state)
-
-    return jax.jit(run, donate_argnames=("state",))
-
-
-def speculative_generate(target: Decoder, draft: Decoder, prompts: Sequence[Sequence[int]],
-                         params: SamplingParams | Sequence[SamplingParams], k: int = 4,
-                         truncate: bool = False, stats: list | None = None) -> list[Generation]:
-    """Generate with speculative sampling; `stats`, when a list, receives a SpeculativeStats."""
-    if not isinstance(k, int) or k < 1:
-        raise InferenceError(f"draft_tokens must be a positive integer, got {k!r}")
-    check_draft(target, draft)
-    params = _per_prompt(params, len(prompts))
-    if any(p.logprobs for p in params):
-        raise InferenceError("logprobs: top alternatives are not reported with a draft model; drop one of them")
-    prompts = target.check(prompts, params, truncate, extra=k + 1)
-    out_length = max(p.max_new_tokens for p in params) + k + 1
-    # both caches hold all but each prompt's last token; the first round feeds it
-    heads = [p[:-1] or [0] for p in prompts]
-    t_state, rows = target.start(heads, params, out_length, extra=k + 2)
-    d_state, _ = draft.start(heads, params, out_length, extra=k + 2)
-    lengths = np.zeros(t_state.lengths.shape, np.int32)
-    last = np.zeros(t_state.lengths.shape, np.int32)
-    for i, p in enumerate(prompts):
-        lengths[i], last[i] = len(p) - 1, p[-1]
-    if d_state.cache.length != t_state.cache.length:
-        raise InferenceError("draft: its context (max_seq_len) is shorter than this request needs; "
-                             f"draft {draft.config.max_seq_len}, target {target.config.max_seq_len}")
-    state = SpecState(
-        target_cache=t_state.cache, draft_cache=d_state.cache, last=target._put(last, ("batch",)),
-        lengths=target._put(lengths, ("batch",)), generated=t_state.generated, done=t_state.done,
-        max_new=t_state.max_new, stop_ids=t_state.stop_ids, tokens=t_state.tokens, logprobs=t_state.logprobs,
-        proposed=target._put(np.zeros(lengths.shape, np.int32), ("batch",)),
-        accepted=target._put(np.zeros(lengths.shape, np.int32), ("batch",)))
-    compiled = target.__dict__.setdefault("_speculative", {})  # one compiled loop per (draft, k)
-    if (id(draft), k) not in compiled:
-        compiled[(id(draft), k)] = (draft, _round_fn(target, draft, k))
-    state = compiled[(id(draft), k)][1](target.params, draft.params, state, rows)
-    tokens, logprobs, generated, proposed, accepted = jax.device_get(
-        (state.tokens, state.logprobs, state.generated, state.proposed, state.accepted))
-    results = []
-    for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
-        ids, reason = finish([int(t) for t in tokens[i, :min(int(generated[i]), p.max_new_tokens)]], p)
-        n = len(ids)
-        results.append(Generation(prompt_ids=list(prompt), token_ids=ids,
-                                  logprobs=[float(x) for x in logprobs[i, :n]], top_logprobs=[[] for _ in range(n)],
-                                  finish_reason=reason))
-    if stats is not None:
-        rounds = int(np.max(proposed[:len(prompts)])) // k if len(prompts) else 0
-        stats.append(SpeculativeStats(int(proposed[:len(prompts)].sum()), int(accepted[:len(prompts)].sum()), rounds))
-    return results

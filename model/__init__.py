@@ -14,7 +14,7 @@ _EXPORTS = {
                      "get_preset", "param_count"),
     "model.load": ("LoadedModel", "convert_to_checkpoint", "load_model"),
     "model.loss": ("cross_entropy",),
-    "model.placement": ("abstract_model", "init_model", "init_on_mesh", "place_on_mesh", "sharded_forward"),
+    "model.placement": ("abstract_model", "init_model", "init_on_mesh", "place_params", "sharded_forward"),
     "model.sharding": ("DEFAULT_RULES", "MESH_AXES", "ShardingError", "activation_sharding", "constrain",
                        "logical_to_spec", "make_mesh", "parse_mesh", "state_shardings"),
     "model.transformer": ("Transformer",),

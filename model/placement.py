@@ -74,10 +74,15 @@ def param_layout(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
     return ParamLayout(graphdef, abstract, logical_axes, shardings, target)
 
 
-def place_on_mesh(model: Transformer, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Transformer:
-    """Move an existing model's parameters into their shards on `mesh`."""
-    graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh, rules)))
+def place_params(params: Any, config: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> dict:
+    """The one way parameters are put on devices: a parameter dict (or an nnx.State, e.g. `nnx.split(model)[1]`)
+    laid out on `mesh` shard by shard by the rules table (arrays already there are not moved), or without a
+    mesh on the default device (host numpy weights are copied once, not at every call)."""
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
+    if mesh is None:
+        return jax.device_put(params)
+    return jax.device_put(params, param_layout(config, mesh, rules).shardings)
 
 
 def sharded_forward(model: Transformer, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Callable[..., jax.Array]:

@@ -129,7 +129,7 @@ def test_engine_refuses_what_it_cannot_serve(model):
     with pytest.raises(InferenceError, match="slots"):
         Engine(*model, slots=0)
     engine = Engine(*model, slots=2, max_length=64)
-    with pytest.raises(InferenceError, match="60 tokens and max_tokens is 8"):
+    with pytest.raises(InferenceError, match="60 tokens and max_new_tokens is 8"):
         engine.prefill([1] * 60, SamplingParams(max_new_tokens=8))
     with pytest.raises(InferenceError, match="slot 2"):
         engine.insert(engine.prefill([1], SamplingParams(max_new_tokens=4)), engine.init_state(), 2)

@@ -126,7 +126,7 @@ def test_a_full_queue_refuses_at_once():
 def test_requests_that_can_never_run_are_refused_with_the_reason():
     scheduler = Scheduler(FakeEngine(max_length=64))
     rec = Recorder()
-    with pytest.raises(InferenceError, match="60 tokens and max_tokens is 8"):
+    with pytest.raises(InferenceError, match="60 tokens and max_new_tokens is 8"):
         scheduler.submit(rec.request([1] * 60, max_new=8))
     with pytest.raises(InferenceError, match="outside the vocabulary"):
         scheduler.submit(rec.request([100]))

@@ -17,7 +17,7 @@ from model import (
     logical_to_spec,
     make_mesh,
     parse_mesh,
-    place_on_mesh,
+    place_params,
     sharded_forward,
     state_shardings,
 )
@@ -117,9 +117,10 @@ def test_mesh_matches_single_device(shape):
         _assert_close(grad[...], ref_grad[...])
 
 
-def test_place_on_mesh_moves_existing_parameters():
+def test_place_params_moves_existing_parameters():
     mesh = _mesh({"fsdp": 4, "tensor": 2})
-    model = place_on_mesh(init_model(CONFIG, seed=3), mesh)
+    graphdef, state = nnx.split(init_model(CONFIG, seed=3))
+    model = nnx.merge(graphdef, place_params(state, CONFIG, mesh))
     wq = model.layers.attn.wq[...]
     assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert wq.addressable_shards[0].data.shape == (CONFIG.n_layers, CONFIG.d_model // 4, CONFIG.n_heads // 2,

@@ -1,0 +1,148 @@
+"""The decode step, and what every decoder in infer/ shares.
+
+    decode_step(model, weights, tokens, positions, cache)   one step for a batch of rows over a KV cache
+    prefill(model, tokens, starts, lengths, cache, chunk)   whole prompts into a cache, in chunks
+    StepWeights / step_weights(model)                        each layer's weights and the LM head, made once
+    OnMesh                                                   a model on an optional mesh: placement, context
+
+`decode_step` feeds each row's new tokens at their positions, writes their keys and values into the cache and
+returns the logits there; `infer.sampling.draw` then picks the next tokens. The decode loop (decode.py), the
+serving engine's generate (engine.py), and both the draft's steps and the target's verification of a
+speculative round (speculative.py) are this one function. A per-row feature of a step (a token mask, a
+quantised weight) enters here or in `draw`, once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from model.cache import CACHE_AXES, KVCache, init_cache
+from model.config import ModelConfig
+from model.placement import place_params
+from model.sharding import Rules, activation_sharding, constrain, named_sharding
+
+
+@flax.struct.dataclass
+class StepWeights:
+    """What a decode step reads besides the embedding and norms, split out of the stacked parameters once:
+    slicing stacked weights inside a step would copy every layer's weights at every step."""
+
+    layers: list  # n_layers x one layer's parameters
+    head: jax.Array  # [embed, vocab] in the compute dtype
+
+
+def step_weights(model: Any) -> StepWeights:
+    return StepWeights(model.layer_params(), model.head())
+
+
+def decode_step(model: Any, weights: StepWeights, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+                visible: int | None = None) -> tuple[jax.Array, KVCache]:
+    """One step for a batch of rows over a KV cache.
+
+    tokens, positions [batch, new]: row b's new tokens and their positions (consecutive; their keys and values
+    go to those cache slots). visible: attend over the cache's first `visible` slots only (a batch of short
+    rows need not read a long cache). -> (logits [batch, new, vocab] float32, the updated cache)."""
+    hidden, cache = model.with_cache(tokens, positions, cache, layer_params=weights.layers, visible=visible)
+    return model.logits(hidden, weights.head), cache
+
+
+def prefill(model: Any, tokens: jax.Array, starts: jax.Array, lengths: jax.Array, cache: KVCache, chunk: int,
+            layer_params: list | None = None) -> tuple[jax.Array, KVCache]:
+    """Write new tokens into a cache, `chunk` at a time; each row's last new token's logits.
+
+    tokens [batch, new] (right-padded): row b's tokens go to slots starts[b] .. starts[b] + lengths[b] - 1
+    (slots before starts[b] already hold that row's earlier tokens). Only the last token's hidden state goes
+    through the LM head. -> (logits [batch, vocab], cache)."""
+    batch, total = tokens.shape
+    last = None
+    for start in range(0, total, chunk):  # chunked prefill: a static loop over chunks
+        size = min(chunk, total - start)
+        positions = starts[:, None] + start + jnp.arange(size, dtype=jnp.int32)[None, :]
+        hidden, cache = model.with_cache(tokens[:, start:start + size], positions, cache, layer_params=layer_params)
+        index = lengths - 1 - start
+        here = (index >= 0) & (index < size)
+        picked = jnp.take_along_axis(hidden, jnp.clip(index, 0, size - 1)[:, None, None], axis=1)[:, 0]
+        last = picked if last is None else jnp.where(here[:, None], picked, last)
+    return model.logits(last[:, None])[:, 0], cache
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The next power of two >= max(n, minimum)."""
+    return 1 << max(0, math.ceil(math.log2(max(n, minimum))))
+
+
+class OnMesh:
+    """A model's parameters on one device or laid out on a mesh by a rules table, and what every decoder
+    (Decoder, Engine, SpeculativeDecoder) needs around that: batch shards, host arrays placed like the
+    batch, the activation-sharding context, new caches, and which token ids may be drawn."""
+
+    def __init__(self, config: ModelConfig, graphdef: Any, params: Any, mesh: Mesh | None, rules: Rules,
+                 allowed: np.ndarray | None):
+        self.config, self.graphdef, self.mesh, self.rules = config, graphdef, mesh, rules
+        self.params = place_params(params, config, mesh, rules)
+        self.allowed = None if allowed is None else self.put(_allowed_mask(allowed, config.vocab_size), ("vocab",))
+
+    @property
+    def batch_shards(self) -> int:
+        """Devices the batch is split over (data x fsdp); 1 without a mesh."""
+        if self.mesh is None:
+            return 1
+        return math.prod(self.mesh.shape[a] for a in ("data", "fsdp") if a in self.mesh.shape)
+
+    def model(self, params: Any) -> Any:
+        """The model with these parameters (inside a compiled function)."""
+        return nnx.merge(self.graphdef, params)
+
+    def context(self):
+        """Activation-sharding constraints for code traced inside it (nothing without a mesh)."""
+        return activation_sharding(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
+
+    def put(self, x: np.ndarray | jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+        """A host array on the device(s), laid out by the logical `axes` on the mesh."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, named_sharding(self.mesh, axes, self.rules))
+
+    def put_tree(self, tree: Any, axes: tuple[str | None, ...]) -> Any:
+        """Every array of a pytree laid out by the same logical axes (e.g. a RowSampling over `batch`)."""
+        if self.mesh is None:
+            return tree
+        return jax.device_put(tree, named_sharding(self.mesh, axes, self.rules))
+
+    def new_cache(self, batch: int, length: int, inside: bool = False) -> KVCache:
+        """A zero cache of `length` positions for `batch` rows, laid out like the batch. inside: built inside
+        a function being traced (constrained there) rather than by its own compiled call."""
+        if inside:
+            cache = init_cache(self.config, batch, length, self.cache_dtype)
+            return KVCache(*(tuple(constrain(x, CACHE_AXES) for x in kv) for kv in (cache.k, cache.v)))
+        make = jax.jit(lambda: init_cache(self.config, batch, length, self.cache_dtype),
+                       out_shardings=None if self.mesh is None else self.cache_sharding())
+        return make()
+
+    def cache_sharding(self) -> KVCache:
+        layers = (named_sharding(self.mesh, CACHE_AXES, self.rules),) * self.config.n_layers
+        return KVCache(k=layers, v=layers)
+
+    @property
+    def cache_dtype(self):
+        """Keys and values are held in the model's compute dtype (an execution setting, kept in the graph)."""
+        return self.model(self.params).execution.compute_jnp_dtype
+
+
+def _allowed_mask(allowed: np.ndarray, vocab_size: int) -> np.ndarray:
+    """A bool [vocab_size] mask from a bool mask of any length (ids past its end are not allowed)."""
+    allowed = np.asarray(allowed, bool)
+    mask = np.zeros(vocab_size, bool)
+    mask[:min(len(allowed), vocab_size)] = allowed[:vocab_size]
+    if not mask.any():
+        raise ValueError("allowed: no token id of the model's vocabulary may be drawn")
+    return mask
