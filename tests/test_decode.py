@@ -10,8 +10,8 @@ from flax import nnx
 from infer.decode import Decoder
 from infer.sampling import InferenceError, RowSampling, SamplingParams, processed_logprobs
 from model import get_preset, init_model, make_mesh
-from model.config import Execution
 from model.cache import init_cache
+from model.config import Execution
 
 CONFIG = get_preset("tiny").replace(init_std=0.3)  # larger weights: peaked, varied next-token distributions
 

@@ -12,9 +12,12 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from data.tokenizer import load_tokenizer, train_bpe
 from infer.decode import Decoder
@@ -179,6 +182,59 @@ def test_every_bad_input_gets_a_clear_error(server):
     assert "max_tokens" in _error(http.post("/v1/chat/completions", json={**body, "max_tokens": 1000}), 400,
                                   "max_tokens")
     assert server.http.get("/health").json()["status"] == "ok"  # none of it hurt the server
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20)
+                    | st.integers(min_value=-(2**80), max_value=2**80)
+                    | st.sampled_from([-1, 0, 1, 2**31, 2**32, 2**63 - 1, 2**64, 10**12, -(2**63), 0.5, 1e308]),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=8)
+COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+                     "stream", "stream_options", "n", "user", "ignore_eos", "presence_penalty", "frequency_penalty"]
+CHAT_FIELDS = [f for f in COMPLETION_FIELDS if f != "prompt"] + ["messages", "max_completion_tokens"]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_arbitrary_json_in_any_request_field_gets_an_answer_or_a_4xx_never_a_500(server, data):
+    """Hostile clients: every field of either endpoint set to arbitrary JSON values (huge and negative
+    integers, wrong types, nesting), or left out. Each request gets a 200 with an answer or a 4xx with an
+    OpenAI error body; the server never fails with a 500."""
+    chat = data.draw(st.booleans(), "chat")
+    body = ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4} if chat
+            else {"model": "tiny", "prompt": "x = 1", "max_tokens": 4})
+    fields = data.draw(st.lists(st.sampled_from(CHAT_FIELDS if chat else COMPLETION_FIELDS), min_size=1,
+                                max_size=3, unique=True), "fields")
+    for field in fields:
+        if data.draw(st.booleans(), f"drop {field}"):
+            body.pop(field, None)
+        else:
+            body[field] = data.draw(JSON, field)
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    response = server.http.post(path, json=body)
+    assert response.status_code == 200 or 400 <= response.status_code < 500, (body, response.text)
+    if response.status_code != 200:
+        error = response.json()["error"]
+        assert error["message"] and error["type"], error
+    elif body.get("stream") is True:
+        assert response.text.rstrip().endswith("data: [DONE]"), response.text
+    else:
+        assert response.json()["choices"], response.text
+
+
+def test_ids_the_tokenizer_cannot_decode_are_masked_in_the_engine():
+    """cl100k_base's id range has holes; a model of its vocabulary (random weights) must never draw them."""
+    from infer.metrics import ServingMetrics
+
+    tokenizer = load_tokenizer("cl100k_base")
+    holed = load_model(preset="tiny", tokenizer="cl100k_base", vocab_size=tokenizer.vocab_size)
+    serving = build_serving(holed, ServingMetrics(), model_name="tiny", slots=1, max_length=32, warm_up=False)
+    allowed = np.asarray(serving.scheduler.engine.allowed)
+    holes = [i for i in range(tokenizer.vocab_size) if not allowed[i]]
+    assert 0 < len(holes) < 100
+    for i in holes:
+        with pytest.raises(KeyError):
+            tokenizer._enc().decode_single_token_bytes(i)
 
 
 def test_rate_limits_per_key(loaded, engine):
