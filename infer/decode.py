@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from infer.sampling import (
+    MAX_LOGPROBS,
     MAX_STOP_IDS,
     Draw,
     InferenceError,
@@ -159,6 +160,7 @@ class Decoder(OnMesh):
         the decode loop continues. extra: cache positions to leave past each row's budget."""
         n = len(prompts)
         batch = self._batch_bucket(n)
+        out_length = bucket(out_length, 16)  # one compiled loop serves many budgets (rows stop at their own)
         longest = max(len(p) for p in prompts)
         prompt_bucket = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.config.max_seq_len)
         need = max(len(p) + q.max_new_tokens for p, q in zip(prompts, params, strict=True)) + extra
@@ -174,7 +176,7 @@ class Decoder(OnMesh):
             max_new[i] = p.max_new_tokens
         if self.mesh is not None:
             check_divisible("decode batch", (batch, prompt_bucket), ("batch", "length"), self.mesh, self.rules)
-        n_top = max(p.logprobs for p in params)
+        n_top = MAX_LOGPROBS if any(p.logprobs for p in params) else 0  # each row reports its own count
         batch_axes = ("batch", None, None)
         state = DecodeState(
             cache=None, last=self.put(np.zeros(batch, np.int32), ("batch",)), lengths=None,

@@ -170,15 +170,26 @@ class Engine(OnMesh):
                          rows=self.put_tree(rows, ("batch",)))
 
     def warm_up(self) -> None:
-        """Compile the generate step for every attention length and a short prefill and insert, so the
-        first requests do not wait for the compiler."""
-        state = self.insert(self.prefill([0], SamplingParams(max_new_tokens=1)), self.init_state(), 0)
-        length = MIN_BUCKET
-        while True:
+        """Compile, before the first request, every program that requests without a prefix-cache hit use: for
+        each cache length (MIN_BUCKET, 2 x MIN_BUCKET, ... max_length) the prefill of a prompt of that bucket, its
+        insert, the extract that keeps a finished sequence, and the generate step attending over that length.
+        With the persistent compilation cache, a restart loads them instead of compiling. (A prefix-cache hit
+        computes a shorter width of prompt and compiles that prefill at its first use.)"""
+        state = self.init_state()
+        greedy = SamplingParams(max_new_tokens=1, temperature=0.0)
+        for length in self.cache_buckets():
+            n = min(length, self.max_length - 1)  # a prompt whose cache bucket is `length`
+            state = self.insert(self.prefill([0] * n, greedy), state, 0)
+            self.extract(state, 0, n)
             state, _ = self.generate(state, length)
-            if length >= self.max_length:
-                break
-            length = min(2 * length, self.max_length)
+
+    def cache_buckets(self) -> list[int]:
+        """The cache lengths sequences are held in: MIN_BUCKET, 2 x MIN_BUCKET, ... up to max_length."""
+        lengths, length = [], MIN_BUCKET
+        while length < self.max_length:
+            lengths.append(length)
+            length *= 2
+        return [*lengths, self.max_length]
 
     def extract(self, state: SlotState, slot: int, length: int) -> KVCache:
         """The KV of a slot's first `length` positions (bucketed), shaped like a Prefill's cache: what the

@@ -3,6 +3,8 @@ registry, so several can live in one process (tests, benchmarks)."""
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -39,6 +41,49 @@ class ServingMetrics:
         self.e2e = Histogram("meshlm_request_latency_seconds", "Arrival to the last token", registry=r,
                              buckets=LATENCY_BUCKETS)
 
+        compiles = Gauge("meshlm_xla_compilations", "Programs this process compiled (persistent-cache hits not "
+                         "counted)", registry=r)
+        compiles.set_function(lambda: COMPILATION["compiled"])
+        seconds = Gauge("meshlm_xla_compile_seconds", "Seconds this process spent compiling", registry=r)
+        seconds.set_function(lambda: COMPILATION["seconds"])
+        hits = Gauge("meshlm_compile_cache_hits", "Programs loaded from the persistent compilation cache",
+                     registry=r)
+        hits.set_function(lambda: COMPILATION["cache_hits"])
+        watch_compilation()
+
     def exposition(self) -> bytes:
         """The Prometheus text format of every metric."""
         return generate_latest(self.registry)
+
+
+COMPILATION = {"compiled": 0, "seconds": 0.0, "cache_hits": 0}  # this process's, from jax.monitoring events
+_watching = threading.Lock()
+_watched = False
+
+
+def watch_compilation() -> None:
+    """Count the process's compilations and persistent-cache hits into COMPILATION (once per process)."""
+    global _watched
+    with _watching:
+        if _watched:
+            return
+        _watched = True
+    from jax import monitoring
+
+    hit = threading.local()  # the cache-hit event comes first, on the thread that then records the duration
+
+    def event(name: str, **kwargs) -> None:
+        if name == "/jax/compilation_cache/cache_hits":
+            COMPILATION["cache_hits"] += 1
+            hit.value = True
+
+    def duration(name: str, seconds: float, **kwargs) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":  # compiled, or loaded from the cache
+            if getattr(hit, "value", False):
+                hit.value = False
+            else:
+                COMPILATION["compiled"] += 1
+                COMPILATION["seconds"] += seconds
+
+    monitoring.register_event_listener(event)
+    monitoring.register_event_duration_secs_listener(duration)

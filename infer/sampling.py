@@ -25,6 +25,7 @@ import numpy as np
 F32 = jnp.float32
 MAX_STOP_IDS = 8  # stop token ids per request (rows carry them padded with -1)
 MAX_STOP = 8  # stop strings per request
+MAX_LOGPROBS = 20  # top alternatives a request may ask for per token
 SEED_RANGE = (-(1 << 63), 1 << 64)  # seeds OpenAI clients send: any 64-bit integer, signed or not
 INT32_MAX = (1 << 31) - 1
 
@@ -67,7 +68,8 @@ class SamplingParams:
             ("top_p", _is_number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
             ("min_p", _is_number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1]"),
             ("seed", _is_int(self.seed) and SEED_RANGE[0] <= self.seed < SEED_RANGE[1], "a 64-bit integer"),
-            ("logprobs", _is_int(self.logprobs) and 0 <= self.logprobs <= 20, "an integer in [0, 20]"),
+            ("logprobs", _is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"an integer in [0, {MAX_LOGPROBS}]"),
         ]
         for name, ok, what in checks:
             if not ok:

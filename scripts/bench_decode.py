@@ -64,7 +64,7 @@ def bench_meshlm(args) -> tuple[dict, object]:
 
     from infer.decode import Decoder
     from infer.sampling import SamplingParams
-    from infer.speculative import speculative_generate
+    from infer.speculative import SpeculativeDecoder
     from model import get_preset, init_model, param_count
 
     config = get_preset(args.preset)
@@ -81,13 +81,13 @@ def bench_meshlm(args) -> tuple[dict, object]:
     decoder = Decoder(config, graphdef, params)
     out = {"preset": args.preset, "params": param_count(config), "weight_bytes": param_count(config) * 4}
 
-    # prefill: one row of --prefill-len tokens (decode loop not run)
+    # prefill: one row of --prefill-len tokens and its first token drawn (decode loop not run)
     one = SamplingParams(max_new_tokens=1, temperature=0.0)
     long = prompts(config.vocab_size, 1, args.prefill_len)
 
     def prefill():
         state, _ = decoder.start(long, [one], 1)
-        jax.block_until_ready(state.logits)
+        jax.block_until_ready(state.tokens)
 
     out["prefill_s"] = best(prefill)
     out["prefill_tokens_per_s"] = args.prefill_len / out["prefill_s"]
@@ -99,8 +99,8 @@ def bench_meshlm(args) -> tuple[dict, object]:
         params_rows = [greedy] * batch
 
         def decode(rows=rows, params_rows=params_rows):
-            state, sampling = decoder.start(rows, params_rows, args.new_tokens)
-            jax.block_until_ready(state.logits)
+            state, sampling = decoder.start(rows, params_rows, args.new_tokens)  # draws the first token
+            jax.block_until_ready(state.tokens)
             start = time.perf_counter()
             state = decoder.decode(state, sampling, args.new_tokens)
             jax.block_until_ready(state.tokens)
@@ -108,8 +108,10 @@ def bench_meshlm(args) -> tuple[dict, object]:
 
         decode()  # compile
         seconds = min(decode() for _ in range(2))
+        steps = args.new_tokens - 1  # decode steps timed: the prefill drew each row's first token
         cache_length = args.prompt_len + args.new_tokens
-        out["decode"].append({"batch": batch, "seconds": seconds, "tokens_per_s": batch * args.new_tokens / seconds,
+        out["decode"].append({"batch": batch, "seconds": seconds, "step_ms": 1e3 * seconds / steps,
+                              "tokens_per_s": batch * steps / seconds,
                               "kv_cache_bytes": decoder.cache_bytes(batch, 1 << (cache_length - 1).bit_length())})
 
     # speculative: the target as its own draft, and a draft of --draft-layers layers (the target's first
@@ -125,8 +127,9 @@ def bench_meshlm(args) -> tuple[dict, object]:
     drafts = (("self-draft (acceptance 1)", decoder), (f"{args.draft_layers}-layer draft ({kind} layers)", draft))
     for name, d in drafts:
         stats: list = []
-        spec_s = best(lambda d=d, stats=stats: speculative_generate(decoder, d, rows, greedy, k=args.draft_tokens,
-                                                                   stats=stats), 2)
+        speculative = SpeculativeDecoder(decoder, d, k=args.draft_tokens)
+        spec_s = best(lambda speculative=speculative, stats=stats: speculative.generate_ids(rows, greedy,
+                                                                                            stats=stats), 2)
         out.setdefault("speculative", []).append({
             "draft": name, "k": args.draft_tokens, "seconds": spec_s, "plain_seconds": plain_s,
             "speedup": plain_s / spec_s, "acceptance_rate": stats[-1].acceptance_rate})
