@@ -121,12 +121,14 @@ def jax_devices_summary() -> str:
 
 def _load(args: argparse.Namespace, mesh=None):
     from data.tokenizer import load_tokenizer
+    from model.config import Execution
     from model.load import load_model
 
     preset = getattr(args, "preset", None)  # random weights: the vocabulary is the tokenizer's
     vocab_size = load_tokenizer(args.tokenizer).vocab_size if preset and args.tokenizer else None
+    execution = Execution(compute_dtype=getattr(args, "compute_dtype", "float32"))
     return load_model(checkpoint=args.checkpoint, gguf=args.gguf, hf=args.hf, model=args.model, preset=preset,
-                      tokenizer=args.tokenizer, vocab_size=vocab_size, mesh=mesh)
+                      tokenizer=args.tokenizer, vocab_size=vocab_size, mesh=mesh, execution=execution)
 
 
 def _sampling(args: argparse.Namespace, tokenizer, extra_stop_ids=()):
@@ -155,8 +157,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args, tokenizer)
     if args.draft:
         from infer.speculative import SpeculativeDecoder
+        from model.config import Execution
 
-        drafted = load_model(checkpoint=args.draft, mesh=mesh)
+        drafted = load_model(checkpoint=args.draft, mesh=mesh, execution=Execution(compute_dtype=args.compute_dtype))
         draft = Decoder(drafted.config, drafted.graphdef, drafted.params, mesh=mesh, allowed=allowed)
         decoder = SpeculativeDecoder(decoder, draft, k=args.draft_tokens)
     print(f"meshlm generate: {config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size} "
@@ -466,6 +469,11 @@ def _model_source_args(p: argparse.ArgumentParser) -> None:
                    "(default: the model's own, or the run's data store's)")
 
 
+def _execution_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the dtype matmuls and the KV cache run in (parameters keep theirs)")
+
+
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
     p.add_argument("--max-tokens", type=POSITIVE, default=max_tokens)
     p.add_argument("--temperature", type=float, default=temperature, help="0 for greedy")
@@ -544,6 +552,7 @@ def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt (KV-cache decode loop): a checkpoint, GGUF, "
                        "Hugging Face directory or packaged model")
     _model_source_args(p)
+    _execution_args(p)
     p.add_argument("--prompt", required=True)
     _sampling_args(p, 64, 1.0)
     _runtime_args(p)
@@ -557,6 +566,7 @@ def _generate_parser(sub) -> None:
 def _chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat in the terminal with the model's chat template, replies streamed")
     _model_source_args(p)
+    _execution_args(p)
     _sampling_args(p, 256, 0.7)
     _runtime_args(p)
     p.add_argument("--system", default=None, help="a system message (default: the template's own)")
@@ -575,6 +585,7 @@ def _serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: continuous batching, streaming, API keys, "
                        "rate limits, Prometheus metrics")
     _model_source_args(p)
+    _execution_args(p)
     p.add_argument("--preset", default=None, help="random weights of a preset (load tests); needs --tokenizer")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: the "
                    "source's file or directory name)")

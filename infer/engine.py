@@ -208,10 +208,6 @@ class Engine(OnMesh):
         """Device memory of one sequence's cache of `length` positions (all its rows)."""
         return cache_bytes(self.config, self.shards, length, self.cache_dtype)
 
-    @property
-    def cache_dtype(self):
-        return self.model(self._outer).execution.compute_jnp_dtype
-
     # ------------------------------------------------------------------ compiled pieces
 
     def _placeholder(self, x: jax.Array) -> jax.Array:

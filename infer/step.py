@@ -88,7 +88,9 @@ class OnMesh:
     def __init__(self, config: ModelConfig, graphdef: Any, params: Any, mesh: Mesh | None, rules: Rules,
                  allowed: np.ndarray | None):
         self.config, self.graphdef, self.mesh, self.rules = config, graphdef, mesh, rules
-        self.params = place_params(params, config, mesh, rules)
+        placed = place_params(params, config, mesh, rules)
+        self.execution = self.model(placed).execution  # how the model runs (kept in its graph): compute dtype
+        self.params = placed
         self.allowed = None if allowed is None else self.put(_allowed_mask(allowed, config.vocab_size), ("vocab",))
 
     @property
@@ -134,8 +136,8 @@ class OnMesh:
 
     @property
     def cache_dtype(self):
-        """Keys and values are held in the model's compute dtype (an execution setting, kept in the graph)."""
-        return self.model(self.params).execution.compute_jnp_dtype
+        """Keys and values are held in the model's compute dtype."""
+        return self.execution.compute_jnp_dtype
 
 
 def _allowed_mask(allowed: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -1,5 +1,7 @@
-"""meshlm.model: the network (a Flax NNX Llama-family transformer) and how it is
-laid out on a device mesh. Imports nothing from train/, infer/ or data/.
+"""meshlm.model: the network (a Flax NNX Llama-family transformer), what it is (ModelConfig) apart from how
+it runs (Execution), how it is laid out on a device mesh (the one placement: placement.place_params), and its
+weights on disk from any source (checkpoint.py, load.py: the one loader that train and infer share).
+Imports nothing from train/, infer/ or data/ (README: Architecture).
 
 The names below load on first use, so `model.runtime` (process settings made
 before JAX starts) can be imported without importing JAX.
@@ -14,7 +16,8 @@ _EXPORTS = {
                      "get_preset", "param_count"),
     "model.load": ("LoadedModel", "convert_to_checkpoint", "load_model"),
     "model.loss": ("cross_entropy",),
-    "model.placement": ("abstract_model", "init_model", "init_on_mesh", "place_params", "sharded_forward"),
+    "model.placement": ("abstract_model", "init_model", "init_on_mesh", "place_params", "put_params",
+                        "sharded_forward"),
     "model.sharding": ("DEFAULT_RULES", "MESH_AXES", "ShardingError", "activation_sharding", "constrain",
                        "logical_to_spec", "make_mesh", "parse_mesh", "state_shardings"),
     "model.transformer": ("Transformer",),

@@ -36,9 +36,9 @@ from model.checkpoint import (
     restore_target,
     save_params,
 )
-from model.config import ModelConfig
+from model.config import Execution, ModelConfig
 from model.hf import WeightsError
-from model.placement import abstract_model, param_layout
+from model.placement import abstract_model, param_layout, place_params, put_params
 from model.sharding import make_mesh
 
 SOURCES = ("checkpoint", "gguf", "hf", "model", "preset")  # the keyword arguments of load_model
@@ -110,15 +110,15 @@ def legacy_metadata(path: str) -> tuple[str | None, str | None]:
     return run.get(TOKENIZER) or store or None, run.get(CHAT_TEMPLATE)
 
 
-def load_checkpoint(path: str, mesh: Mesh | None = None, step: int | None = None
-                    ) -> tuple[ModelConfig, Any, dict, dict]:
+def load_checkpoint(path: str, mesh: Mesh | None = None, step: int | None = None,
+                    execution: Execution | None = None) -> tuple[ModelConfig, Any, dict, dict]:
     """(config, graphdef, params, layout metadata) of a training or converted checkpoint, the parameters placed
-    shard by shard on `mesh` (default: a one-device mesh)."""
+    shard by shard on `mesh` (default: a one-device mesh); the graph runs with `execution` (default Execution())."""
     saved = checkpoint_layout(path, step)
     config = ModelConfig.from_dict(saved["model_config"])
     target, layout = restore_target(config, mesh if mesh is not None else _single_device_mesh())
     params = restore_params(checkpoint_dir(path), target, step=step, layout=layout)
-    return config, nnx.split(abstract_model(config))[0], params, saved
+    return config, nnx.split(abstract_model(config, execution=execution))[0], params, saved
 
 
 # ----------------------------------------------------------------------------- any source
@@ -126,11 +126,14 @@ def load_checkpoint(path: str, mesh: Mesh | None = None, step: int | None = None
 
 def load_model(checkpoint: str | None = None, gguf: str | None = None, hf: str | None = None,
                model: str | None = None, preset: str | None = None, tokenizer: str | None = None,
-               vocab_size: int | None = None, mesh: Mesh | None = None) -> LoadedModel:
+               vocab_size: int | None = None, mesh: Mesh | None = None,
+               execution: Execution | None = None) -> LoadedModel:
     """One of: a training or converted checkpoint (its parameters placed on `mesh`, default one device), a GGUF
     file, a Hugging Face directory, a packaged model by name ("smollm2-135m"), or a preset with random weights
     (load tests and benchmarks; `vocab_size`: its tokenizer's). `tokenizer` overrides the source's own
-    description (needed for a Hugging Face directory, whose tokenizer.json meshlm does not read, and a preset)."""
+    description (needed for a Hugging Face directory, whose tokenizer.json meshlm does not read, and a preset).
+    `execution`: how the returned graph runs (compute dtype; default Execution(), float32): a setting of the
+    run, not of the weights."""
     given = [name for name, value in zip(SOURCES, (checkpoint, gguf, hf, model, preset), strict=True) if value]
     if len(given) != 1:
         raise WeightsError(f"give exactly one of --checkpoint, --gguf, --hf, --model, --preset "
@@ -143,11 +146,11 @@ def load_model(checkpoint: str | None = None, gguf: str | None = None, hf: str |
             raise WeightsError("a preset (random weights) needs the vocabulary size of its tokenizer: pass "
                                "--tokenizer")
         config = get_preset(preset).replace(vocab_size=vocab_size)
-        graphdef, params = nnx.split(init_model(config, seed=0))
+        graphdef, params = nnx.split(init_model(config, seed=0, execution=execution))
         return LoadedModel(config, graphdef, nnx.to_pure_dict(params), tokenizer, None,
                            f"preset {preset} (random weights)")
     if checkpoint:
-        config, graphdef, params, layout = load_checkpoint(checkpoint, mesh=mesh)
+        config, graphdef, params, layout = load_checkpoint(checkpoint, mesh=mesh, execution=execution)
         own, template = checkpoint_metadata(checkpoint, layout)
         return LoadedModel(config, graphdef, params, tokenizer or own, template, checkpoint)
     if model:
@@ -164,7 +167,7 @@ def load_model(checkpoint: str | None = None, gguf: str | None = None, hf: str |
 
         config, params = load_hf(hf)
         own, template = None, None
-    graphdef = nnx.split(abstract_model(config))[0]
+    graphdef = nnx.split(abstract_model(config, execution=execution))[0]
     return LoadedModel(config, graphdef, params, tokenizer or own, template, gguf or hf)
 
 
@@ -197,11 +200,8 @@ def load_params(source: str, target: dict, layout: dict) -> dict:
     imported = param_layout(config, _single_device_mesh())
     check_layout(layout_metadata(config, imported.abstract, imported.logical_axes), layout, source)
 
-    def place(value: np.ndarray, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        value = np.asarray(value, leaf.dtype)
-        return jax.make_array_from_callback(value.shape, leaf.sharding, lambda index: value[index])
-
-    return jax.tree.map(place, loaded.params, target)
+    cast = jax.tree.map(lambda value, leaf: np.asarray(value, leaf.dtype), loaded.params, target)
+    return put_params(cast, target)
 
 
 def convert_to_checkpoint(loaded: LoadedModel, out: str) -> str:
@@ -210,8 +210,9 @@ def convert_to_checkpoint(loaded: LoadedModel, out: str) -> str:
     directory = os.path.join(os.path.abspath(out), "checkpoints")
     if os.path.exists(directory) and os.listdir(directory):
         raise CheckpointError(f"{directory} already holds a checkpoint: choose another --out (nothing was changed)")
-    layout = param_layout(loaded.config, _single_device_mesh())
-    params = jax.device_put(loaded.params, layout.shardings)
+    mesh = _single_device_mesh()
+    layout = param_layout(loaded.config, mesh)
+    params = place_params(loaded.params, loaded.config, mesh)
     save_params(directory, 0, params, layout_metadata(loaded.config, layout.abstract, layout.logical_axes,
                                                       tokenizer=loaded.tokenizer, chat_template=loaded.chat_template))
     return directory

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -82,7 +83,22 @@ def place_params(params: Any, config: ModelConfig, mesh: Mesh | None = None, rul
         params = nnx.to_pure_dict(params)
     if mesh is None:
         return jax.device_put(params)
-    return jax.device_put(params, param_layout(config, mesh, rules).shardings)
+    return put_params(params, param_layout(config, mesh, rules).shardings)
+
+
+def put_params(params: Any, shardings: Any) -> Any:
+    """Parameters onto given shardings (a tree like `params`; ShapeDtypeStructs carrying `sharding=` will do).
+    Host (numpy) arrays are cut on the host, so each device, and in a multi-process run each process, receives
+    only its own shards; device arrays are resharded."""
+
+    def put(value: Any, target: Any) -> jax.Array:
+        sharding = getattr(target, "sharding", target)
+        if isinstance(value, jax.Array):
+            return jax.device_put(value, sharding)
+        value = np.asarray(value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree.map(put, params, shardings)
 
 
 def sharded_forward(model: Transformer, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Callable[..., jax.Array]:
