@@ -130,7 +130,8 @@ def main() -> int:
         at = r["at_ready"]
         print(f"\n{r['phase']}: ready in {r['ready_s']:.1f} s ({at['xla_compilations']:.0f} programs compiled in "
               f"{at['xla_compile_seconds']:.1f} s, {at['compile_cache_hits']:.0f} loaded from the cache)")
-        print(f"{'bucket':>7} {'prompt':>7} {'first request s':>16} {'compiled':>9} {'compile s':>10} {'cache hits':>11}")
+        print(f"{'bucket':>7} {'prompt':>7} {'first request s':>16} {'compiled':>9} {'compile s':>10} "
+              f"{'cache hits':>11}")
         for q in r["requests"]:
             print(f"{q['bucket']:>7} {q['prompt_tokens']:>7} {q['seconds']:>16.2f} {q['compiled']:>9.0f} "
                   f"{q['compile_seconds']:>10.2f} {q['cache_hits']:>11.0f}")
