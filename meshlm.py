@@ -9,6 +9,7 @@
     meshlm chat --model smollm2-135m [--system "..."]
     meshlm convert --gguf model.gguf --out runs/converted [--to checkpoint|hf]
     meshlm serve --model smollm2-135m [--port 8000] [--slots 8] [--api-keys-file keys.txt]
+    meshlm launch --processes 2 --cpu-devices 4 -- train ...   (N local processes of one multi-process run)
 
 The commands that run JAX keep compiled programs in a persistent compilation cache for the next run
 (--compile-cache DIR, default $JAX_COMPILATION_CACHE_DIR or ~/.cache/meshlm/jax; --no-compile-cache: off).
@@ -21,6 +22,7 @@ import argparse
 import math
 import os
 import sys
+import time
 
 
 def _human(n: float) -> str:
@@ -424,6 +426,81 @@ def cmd_data_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    """N processes of one meshlm command on this machine, as the N hosts of a multi-process run: each gets
+    --coordinator 127.0.0.1:PORT, --num-processes N and --process-id I; each line it prints is prefixed with
+    [I]. SIGINT and SIGTERM go to every process; when one fails, the others are ended and the exit status is
+    the failed one's."""
+    import signal
+    import socket
+    import subprocess
+    import threading
+
+    command = list(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
+    if not command:
+        raise _launch_error("give the command to run after --, e.g. meshlm launch --processes 2 -- train ...")
+    if command[0] not in COMMANDS or COMMANDS[command[0]][0] is None or command[0] == "launch":
+        raise _launch_error(f"{command[0]!r} is not a meshlm command that runs JAX")
+    port = args.port
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    children = []
+    for index in range(args.processes):
+        argv = [sys.executable, "-m", "meshlm", *command, "--coordinator", f"127.0.0.1:{port}",
+                "--num-processes", str(args.processes), "--process-id", str(index)]
+        if args.child_cpu_devices is not None:
+            argv += ["--cpu-devices", str(args.child_cpu_devices)]
+        children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                         bufsize=1, start_new_session=True))
+
+    def relay(index: int, child: subprocess.Popen) -> None:
+        for line in child.stdout:
+            print(f"[{index}] {line}", end="", flush=True)
+
+    relays = [threading.Thread(target=relay, args=(i, c), daemon=True) for i, c in enumerate(children)]
+    for thread in relays:
+        thread.start()
+
+    def forward(signum, frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        running = set(range(len(children)))
+        while running:
+            for index in sorted(running):
+                code = children[index].poll()
+                if code is None:
+                    continue
+                running.discard(index)
+                if code != 0 and status == 0:
+                    status = code if code > 0 else 128 - code
+                    print(f"meshlm launch: process {index} exited with {code}; ending the others", file=sys.stderr)
+                    for other in running:
+                        children[other].terminate()
+            time.sleep(0.05)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+        for thread in relays:
+            thread.join(5)
+    return status
+
+
+def _launch_error(message: str) -> Exception:
+    from model.errors import ClusterError
+
+    return ClusterError(message)
+
+
 # ----------------------------------------------------------------------------- arguments
 
 
@@ -457,6 +534,12 @@ def _runtime_args(p: argparse.ArgumentParser, cpu_devices: int = 8) -> None:
     p.add_argument("--compile-cache", metavar="DIR", default=None, help="keep compiled programs in DIR for the "
                    "next run (default: $JAX_COMPILATION_CACHE_DIR, else ~/.cache/meshlm/jax)")
     p.add_argument("--no-compile-cache", action="store_true", help="compile afresh and keep nothing")
+    p.add_argument("--coordinator", metavar="HOST:PORT", default=None, help="join a multi-process run whose "
+                   "process 0 listens there (or $MESHLM_COORDINATOR; SLURM, Open MPI and Cloud TPU slices are "
+                   "detected without it)")
+    p.add_argument("--num-processes", type=POSITIVE, default=None, help="processes in the run ($MESHLM_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=NON_NEGATIVE, default=None, help="this process's index, 0..N-1 "
+                   "($MESHLM_PROCESS_ID)")
 
 
 def _model_source_args(p: argparse.ArgumentParser) -> None:
@@ -508,6 +591,16 @@ def _train_parser(sub) -> None:
     p.add_argument("--config", default=None, help="a YAML run config (see configs/)")
     _runtime_args(p)
     p.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE, e.g. optim.lr=1e-3 mesh.fsdp=-1")
+
+
+def _launch_parser(sub) -> None:
+    p = sub.add_parser("launch", help="run N processes of a meshlm command on this machine, as the hosts of "
+                       "a multi-process run (local multi-host prototyping; what the tests use)")
+    p.add_argument("--processes", type=POSITIVE, required=True, help="how many processes")
+    p.add_argument("--cpu-devices", dest="child_cpu_devices", type=POSITIVE, default=None,
+                   help="simulated CPU devices per process")
+    p.add_argument("--port", type=PORT, default=None, help="the coordinator's port (default: a free one)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...: the meshlm command every process runs")
 
 
 def _plan_parser(sub) -> None:
@@ -626,6 +719,7 @@ COMMANDS = {
     "chat": (_chat_parser, cmd_chat),
     "convert": (_convert_parser, cmd_convert),
     "serve": (_serve_parser, cmd_serve),
+    "launch": (_launch_parser, cmd_launch),
 }
 
 
@@ -665,12 +759,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _start_runtime(args: argparse.Namespace, from_command_line: bool) -> None:
     """Process settings for a command that runs JAX, made before JAX is imported."""
-    from model.runtime import preload_allocator, set_compile_cache, set_xla_flags
+    from model.runtime import join_cluster, preload_allocator, set_compile_cache, set_xla_flags
 
     if from_command_line:  # the `meshlm` command itself, not a call of main() from Python
         preload_allocator()
     set_xla_flags(cpu_devices=args.cpu_devices)
     set_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
+    join_cluster(args.coordinator, args.num_processes, args.process_id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -678,9 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     class) is one line on stderr and exit status 2; anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     name = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
-    if hasattr(args, "cpu_devices"):
-        _start_runtime(args, from_command_line=argv is None)
     try:
+        if hasattr(args, "cpu_devices"):
+            _start_runtime(args, from_command_line=argv is None)
         return COMMANDS[name][1](args)
     except Exception as error:
         if not isinstance(error, _user_errors()):

@@ -11,6 +11,9 @@ library's allocator is chosen when the process starts. Nothing here imports JAX.
 - `set_compile_cache`: JAX's persistent compilation cache, so that a program compiled once (a train
   step, a server's decode step for each length bucket) is read from disk by the next process instead
   of compiled again. Per user by default ($XDG_CACHE_HOME/meshlm/jax), or $JAX_COMPILATION_CACHE_DIR.
+- `join_cluster`: one process of several (jax.distributed: explicit --coordinator / --num-processes /
+  --process-id, MESHLM_* variables, or jax's own detection of SLURM, Open MPI and Cloud TPU slices), with
+  gloo collectives between CPU processes and bounded waits (JOIN_TIMEOUT_SECS, HEARTBEAT_SECS).
 """
 
 from __future__ import annotations
@@ -132,3 +135,118 @@ def set_compile_cache(directory: str | None = None, enabled: bool = True) -> str
             jax.config.update("jax_compilation_cache_dir", found)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", float(settings[CACHE_MIN_SECS_ENV]))
     return found
+
+
+# ----------------------------------------------------------------------------- several processes
+
+COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = "MESHLM_COORDINATOR", "MESHLM_NUM_PROCESSES", "MESHLM_PROCESS_ID"
+# Seconds a process waits for the coordinator and its peers to join, and how long a peer may stay silent
+# before the others give up on it: a lost process ends the run within HEARTBEAT_SECS instead of hanging.
+JOIN_TIMEOUT_SECS = int(os.environ.get("MESHLM_JOIN_TIMEOUT_SECS", "60"))
+HEARTBEAT_SECS = 30
+
+
+def _cluster_env_present() -> bool:
+    """Whether the environment says this process is one of several that jax's cluster detection knows: a SLURM
+    job step or an Open MPI run of more than one task, a multi-host Cloud TPU slice, or an explicit
+    JAX_COORDINATOR_ADDRESS."""
+    def more_than_one(name: str) -> bool:
+        value = os.environ.get(name, "")
+        return value.isdigit() and int(value) > 1
+
+    tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return (more_than_one("SLURM_NTASKS") or more_than_one("OMPI_COMM_WORLD_SIZE") or "," in tpu_hosts
+            or bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
+
+
+def cluster_settings(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> dict | None:
+    """This process's place in a multi-process run from explicit settings or MESHLM_COORDINATOR,
+    MESHLM_NUM_PROCESSES and MESHLM_PROCESS_ID: {"coordinator_address", "num_processes", "process_id"}, or None
+    when none is given. A ClusterError names what does not fit (an id outside 0..N-1, a missing setting)."""
+    from model.errors import ClusterError
+
+    coordinator = coordinator or os.environ.get(COORDINATOR_ENV) or None
+    values = {}
+    for name, given, env in (("num_processes", num_processes, NUM_PROCESSES_ENV),
+                             ("process_id", process_id, PROCESS_ID_ENV)):
+        raw = given if given is not None else os.environ.get(env)
+        if raw is None or raw == "":
+            values[name] = None
+            continue
+        try:
+            values[name] = int(raw)
+        except (TypeError, ValueError):
+            raise ClusterError(f"{name} must be an integer, got {raw!r} (--{name.replace('_', '-')} or ${env})"
+                               ) from None
+    given = {"coordinator": coordinator, **values}
+    if all(value is None for value in given.values()):
+        return None
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise ClusterError(f"a multi-process run needs --coordinator HOST:PORT, --num-processes N and --process-id I "
+                           f"(or ${COORDINATOR_ENV}, ${NUM_PROCESSES_ENV}, ${PROCESS_ID_ENV}); missing: "
+                           + ", ".join(missing))
+    count, index = values["num_processes"], values["process_id"]
+    if count < 1:
+        raise ClusterError(f"num_processes must be >= 1, got {count}")
+    if not 0 <= index < count:
+        raise ClusterError(f"process_id {index} is not one of 0..{count - 1}: the ids of {count} processes must "
+                           f"cover 0..{count - 1}, one each")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ClusterError(f"coordinator must be HOST:PORT (port 1..65535), got {coordinator!r}")
+    return {"coordinator_address": coordinator, "num_processes": count, "process_id": index}
+
+
+def join_cluster(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+                 timeout: int | None = None) -> tuple[int, int]:
+    """Join a multi-process run (jax.distributed) when explicit settings or the environment say this process is
+    one of several; alone, nothing happens. On CPU the processes' collectives go over gloo. Returns (this
+    process's index, the number of processes). Must run before JAX computes anything; imports JAX."""
+    from model.errors import ClusterError
+
+    timeout = JOIN_TIMEOUT_SECS if timeout is None else timeout
+    settings = cluster_settings(coordinator, num_processes, process_id)
+    if settings is None and not _cluster_env_present():
+        return 0, 1
+    import jax
+
+    if settings is not None and settings["num_processes"] == 1:
+        return 0, 1
+    if jax.distributed.is_initialized():
+        return jax.process_index(), jax.process_count()
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices' collectives (others ignore it)
+    where = settings["coordinator_address"] if settings else "the cluster's coordinator"
+    if settings is not None and settings["process_id"] != 0:
+        # jax's client aborts the whole process (no exception) when the coordinator never answers: wait for it
+        # here first, so that an unreachable coordinator is an error that names it
+        _wait_for(settings["coordinator_address"], timeout)
+    try:
+        jax.distributed.initialize(**(settings or {}), initialization_timeout=timeout,
+                                   heartbeat_timeout_seconds=HEARTBEAT_SECS)
+    except Exception as error:  # jax raises RuntimeError / XlaRuntimeError with the coordinator's status
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ClusterError(f"could not join the multi-process run at {where} within {timeout} s: {first}") from None
+    return jax.process_index(), jax.process_count()
+
+
+def _wait_for(address: str, timeout: float) -> None:
+    """Until `timeout` seconds pass, try to open a TCP connection to HOST:PORT; a ClusterError if none opens."""
+    import socket
+    import time
+
+    from model.errors import ClusterError
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as error:
+            last = error.strerror or str(error)
+            time.sleep(0.5)
+    raise ClusterError(f"could not join the multi-process run at {address} within {timeout:g} s: the coordinator "
+                       f"(process 0) does not answer ({last}); start it, or check --coordinator")

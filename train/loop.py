@@ -112,11 +112,15 @@ def _check_data(config: TrainConfig, store) -> None:
         )
 
 
-def _progress(config: TrainConfig, total: int, initial: int):
+def _progress(config: TrainConfig, total: int, initial: int, enabled: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not config.log.progress,
-                dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, initial=initial, desc="train", unit="step",
+                disable=not (config.log.progress and enabled), dynamic_ncols=True, file=sys.stderr)
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of a process other than 0 in a multi-process run."""
 
 
 class StepHook:
@@ -138,10 +142,14 @@ class Run:
     `_checkpoint`, `_evaluate`, `_stop_for_preemption`."""
 
     def __init__(self, config: TrainConfig, log=print):
-        self.config, self.log = config, log
+        # in a multi-process run every process trains; process 0 alone logs, writes metrics, the plot and the
+        # progress bar (errors are raised, and so reported, by every process)
+        self.lead = jax.process_index() == 0
+        self.config, self.log = config, (log if self.lead else _quiet)
         os.makedirs(config.run_dir, exist_ok=True)
-        with open(os.path.join(config.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+        if self.lead:
+            with open(os.path.join(config.run_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(config.to_dict(), f, sort_keys=False)
         self.mesh = make_mesh(config.mesh.shape())
         self.store = open_store(config.data.store)
         _check_data(config, self.store)
@@ -157,7 +165,7 @@ class Run:
         self.state, loader_state = self._restore()
         self._plan_throughput()
         self.metrics_path = os.path.join(config.run_dir, "metrics.jsonl")
-        self.metrics = MetricsLog(self.metrics_path)
+        self.metrics = MetricsLog(self.metrics_path, enabled=self.lead)
         self.loader = Loader(self.store, config.train.batch_size, seed=config.train.seed, split="train",
                              val_fraction=config.data.val_fraction, sharding=self.steps.batch_shardings["tokens"],
                              prefetch=config.data.prefetch, state=loader_state)
@@ -202,7 +210,7 @@ class Run:
     def loop(self, hooks: Sequence[StepHook] = ()) -> None:
         """Train until train.steps or a SIGTERM; closes the loader, checkpointer and metrics log."""
         config = self.config
-        self._bar = _progress(config, config.train.steps, self.step)
+        self._bar = _progress(config, config.train.steps, self.step, enabled=self.lead)
         compiled = False
         try:
             with _Preemption() as preemption:
@@ -300,10 +308,11 @@ class Run:
         config = self.config
         if self.val_loss is None and not self.preempted:  # nothing left to train: report the finished run
             self.val_loss, _ = evaluate(self.steps, self.state.params, self.store, config)
-            logged = [r["loss"] for r in read_metrics(self.metrics_path) if r.get("kind") == "train"]
-            self.train_loss = logged[-1] if logged else self.train_loss
+            if self.lead:
+                logged = [r["loss"] for r in read_metrics(self.metrics_path) if r.get("kind") == "train"]
+                self.train_loss = logged[-1] if logged else self.train_loss
         plot_path = None
-        if config.log.plot and not self.preempted:
+        if config.log.plot and not self.preempted and self.lead:
             plot_path = plot_losses(self.metrics_path, os.path.join(config.run_dir, "loss.png"))
         return TrainResult(run_dir=config.run_dir, step=self.step, train_loss=self.train_loss,
                            val_loss=self.val_loss, skipped=int(self.state.skipped), preempted=self.preempted,

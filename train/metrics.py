@@ -80,19 +80,24 @@ def peak_flops(devices: list[jax.Device]) -> tuple[float, str]:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `path` (flushed, so a crash loses nothing written)."""
+    """Appends one JSON object per line to `path` (flushed, so a crash loses nothing written). `enabled=False`
+    (a process other than 0 of a multi-process run) writes nothing."""
 
-    def __init__(self, path: str):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    def __init__(self, path: str, enabled: bool = True):
         self.path = path
-        self._file = open(path, "a")  # noqa: SIM115 - closed in close()
+        self._file = None
+        if enabled:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            self._file = open(path, "a")  # noqa: SIM115 - closed in close()
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
