@@ -146,11 +146,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Continue a prompt; the text goes to stdout, everything else to stderr."""
     import time
 
+    import jax
+
     from infer.decode import Decoder
     from infer.generate import generate, model_tokenizer, stream_text
     from model import make_mesh, parse_mesh
     from model.load import load_model
 
+    say = print if jax.process_index() == 0 else _quiet  # in a multi-process run, process 0 prints
     mesh = make_mesh(parse_mesh(args.mesh)) if args.mesh else None
     loaded = _load(args, mesh)
     config, tokenizer = loaded.config, model_tokenizer(loaded)
@@ -164,7 +167,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         drafted = load_model(checkpoint=args.draft, mesh=mesh, execution=Execution(compute_dtype=args.compute_dtype))
         draft = Decoder(drafted.config, drafted.graphdef, drafted.params, mesh=mesh, allowed=allowed)
         decoder = SpeculativeDecoder(decoder, draft, k=args.draft_tokens)
-    print(f"meshlm generate: {config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size} "
+    say(f"meshlm generate: {config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size} "
           f"from {loaded.source}" + (f"; draft {args.draft}, {args.draft_tokens} tokens per round"
                                      if args.draft else ""), file=sys.stderr)
     start = time.perf_counter()
@@ -172,19 +175,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         count = 0
         for piece in stream_text(decoder, args.prompt, tokenizer, sampling, chunk=args.stream_chunk,
                                  truncate=args.truncate):
-            print(piece, end="", flush=True)
+            say(piece, end="", flush=True)
             count += 1
-        print()
-        print(f"meshlm generate: streamed in {count} pieces, {time.perf_counter() - start:.2f} s", file=sys.stderr)
+        say()
+        say(f"meshlm generate: streamed in {count} pieces, {time.perf_counter() - start:.2f} s", file=sys.stderr)
         return 0
     [result] = generate(decoder, [args.prompt], tokenizer, sampling, truncate=args.truncate)
-    print(result.text)
+    say(result.text)
     elapsed = time.perf_counter() - start
     stats = getattr(decoder, "last_stats", None)
     extra = f"; draft acceptance {stats.acceptance_rate:.0%}" if stats else ""
-    print(f"meshlm generate: {len(result.token_ids)} tokens ({result.finish_reason}) in {elapsed:.2f} s{extra}",
+    say(f"meshlm generate: {len(result.token_ids)} tokens ({result.finish_reason}) in {elapsed:.2f} s{extra}",
           file=sys.stderr)
     return 0
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print() on a process other than 0 of a multi-process run."""
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -428,9 +435,9 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 
 def cmd_launch(args: argparse.Namespace) -> int:
     """N processes of one meshlm command on this machine, as the N hosts of a multi-process run: each gets
-    --coordinator 127.0.0.1:PORT, --num-processes N and --process-id I; each line it prints is prefixed with
-    [I]. SIGINT and SIGTERM go to every process; when one fails, the others are ended and the exit status is
-    the failed one's."""
+    --coordinator 127.0.0.1:PORT, --num-processes N and --process-id I; each line it prints (stdout to stdout,
+    stderr to stderr) is prefixed with [I]. SIGINT and SIGTERM go to every process; when one fails, the others
+    are ended and the exit status is the failed one's."""
     import signal
     import socket
     import subprocess
@@ -452,14 +459,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
                 "--num-processes", str(args.processes), "--process-id", str(index)]
         if args.child_cpu_devices is not None:
             argv += ["--cpu-devices", str(args.child_cpu_devices)]
-        children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                          bufsize=1, start_new_session=True))
 
-    def relay(index: int, child: subprocess.Popen) -> None:
-        for line in child.stdout:
-            print(f"[{index}] {line}", end="", flush=True)
+    def relay(index: int, stream, out) -> None:  # a child's stdout to ours, its stderr to ours
+        for line in stream:
+            print(f"[{index}] {line}", end="", file=out, flush=True)
 
-    relays = [threading.Thread(target=relay, args=(i, c), daemon=True) for i, c in enumerate(children)]
+    relays = [threading.Thread(target=relay, args=(i, stream, out), daemon=True) for i, c in enumerate(children)
+              for stream, out in ((c.stdout, sys.stdout), (c.stderr, sys.stderr))]
     for thread in relays:
         thread.start()
 

@@ -187,8 +187,8 @@ class Decoder(OnMesh):
             logprobs=self.put(np.zeros((batch, out_length), np.float32), ("batch", None)),
             top_ids=self.put(np.zeros((batch, out_length, n_top), np.int32), batch_axes),
             top_logprobs=self.put(np.zeros((batch, out_length, n_top), np.float32), batch_axes),
-            step=jnp.zeros((), jnp.int32))
-        rows = self.put_tree(RowSampling.from_params(list(params), batch), ("batch",))
+            step=np.zeros((), np.int32))
+        rows = self.sampling(list(params), batch)
         state = self._start(self.params, self.put(tokens, ("batch", "length")), self.put(lengths, ("batch",)),
                             self.new_cache(batch, cache_length), rows, state,
                             chunk=min(self.prefill_chunk, prompt_bucket), n_top=n_top)
@@ -197,14 +197,14 @@ class Decoder(OnMesh):
     def decode(self, state: DecodeState, rows: RowSampling, steps: int) -> DecodeState:
         """Up to `steps` more decode iterations (fewer when every row is done)."""
         n_top = state.top_ids.shape[2]  # the alternatives `start` made room for
-        return self._decode(self.params, state, rows, jnp.asarray(steps, jnp.int32), n_top=n_top)
+        return self._decode(self.params, state, rows, np.int32(steps), n_top=n_top)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                      truncate: bool = False) -> list[Generation]:
         """Continue every prompt (token ids) on the device, in one batch; no stop strings (see generate.py)."""
         prompts, params, state, rows = self._begin(prompts, params, truncate)
         state = self.decode(state, rows, state.tokens.shape[1])
-        return collect(state, prompts, params)
+        return collect(self.fetch(state), prompts, params)
 
     def _begin(self, prompts, params, truncate: bool) -> tuple[list[list[int]], list[SamplingParams], DecodeState,
                                                               RowSampling]:
@@ -223,7 +223,7 @@ class Decoder(OnMesh):
         prompts, params, state, rows = self._begin(prompts, params, truncate)
         sent = [0] * len(prompts)
         while True:
-            tokens, generated, done = jax.device_get((state.tokens, state.generated, state.done))
+            tokens, generated, done = self.fetch((state.tokens, state.generated, state.done))
             new = []
             for i, p in enumerate(params):
                 ids = [int(t) for t in tokens[i, sent[i]:generated[i]]]
@@ -254,9 +254,10 @@ def finish(ids: list[int], params: SamplingParams) -> tuple[list[int], str]:
 
 
 def collect(state: DecodeState, prompts: list[list[int]], params: list[SamplingParams]) -> list[Generation]:
-    """Each request's Generation from a finished decode state (its tokens cut to its budget)."""
-    tokens, logprobs, top_ids, top_lps, generated = jax.device_get(
-        (state.tokens, state.logprobs, state.top_ids, state.top_logprobs, state.generated))
+    """Each request's Generation from a finished decode state fetched to the host (`OnMesh.fetch`; its tokens
+    cut to its budget)."""
+    tokens, logprobs, top_ids, top_lps, generated = (state.tokens, state.logprobs, state.top_ids,
+                                                     state.top_logprobs, state.generated)
     results = []
     for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
         ids, reason = finish([int(t) for t in tokens[i, :min(int(generated[i]), p.max_new_tokens)]], p)

@@ -162,12 +162,12 @@ class Engine(OnMesh):
 
     def init_state(self) -> SlotState:
         """Every slot free: positions past the cache's end, so free slots write nothing."""
-        rows = RowSampling.from_params([], self.slots)
+        rows = self.sampling([], self.slots)
         return SlotState(cache=self.new_cache(self.slots, self.max_length),
                          tokens=self.put(np.zeros(self.slots, np.int32), ("batch",)),
                          lengths=self.put(np.full(self.slots, self.max_length, np.int32), ("batch",)),
                          generated=self.put(np.zeros(self.slots, np.int32), ("batch",)),
-                         rows=self.put_tree(rows, ("batch",)))
+                         rows=rows)
 
     def warm_up(self) -> None:
         """Compile, before the first request, every program that requests without a prefix-cache hit use: for

@@ -123,9 +123,11 @@ class SpeculativeDecoder:
             generated=t_state.generated, done=t_state.done, max_new=t_state.max_new, stop_ids=t_state.stop_ids,
             tokens=t_state.tokens, logprobs=t_state.logprobs, proposed=zeros(), accepted=zeros())
         state = self._rounds(target.params, draft.params, state, rows)
-        results = collect(t_state.replace(tokens=state.tokens, logprobs=state.logprobs, generated=state.generated),
-                          prompts, params)
-        proposed, accepted = jax.device_get((state.proposed, state.accepted))
+        tokens, logprobs, generated, proposed, accepted = target.fetch(
+            (state.tokens, state.logprobs, state.generated, state.proposed, state.accepted))
+        results = collect(t_state.replace(cache=None, tokens=tokens, logprobs=logprobs, generated=generated,
+                                          top_ids=np.zeros((*tokens.shape, 0), np.int32),
+                                          top_logprobs=np.zeros((*tokens.shape, 0), np.float32)), prompts, params)
         n = len(prompts)
         self.last_stats = SpeculativeStats(int(proposed[:n].sum()), int(accepted[:n].sum()),
                                            int(np.max(proposed[:n])) // k if n else 0)

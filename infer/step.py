@@ -25,9 +25,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from infer.sampling import RowSampling
 from model.cache import CACHE_AXES, KVCache, init_cache
 from model.config import ModelConfig
-from model.placement import place_params
+from model.placement import place_params, put_params
 from model.sharding import Rules, activation_sharding, constrain, named_sharding
 
 
@@ -109,16 +110,24 @@ class OnMesh:
         return activation_sharding(self.mesh, self.rules) if self.mesh is not None else contextlib.nullcontext()
 
     def put(self, x: np.ndarray | jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-        """A host array on the device(s), laid out by the logical `axes` on the mesh."""
+        """A host array (the same on every process) on the device(s), laid out by the logical `axes` on the
+        mesh; in a multi-process run each process places only its own shards."""
         if self.mesh is None:
             return jnp.asarray(x)
-        return jax.device_put(x, named_sharding(self.mesh, axes, self.rules))
+        return put_params(np.asarray(x), named_sharding(self.mesh, axes, self.rules))
 
-    def put_tree(self, tree: Any, axes: tuple[str | None, ...]) -> Any:
-        """Every array of a pytree laid out by the same logical axes (e.g. a RowSampling over `batch`)."""
-        if self.mesh is None:
-            return tree
-        return jax.device_put(tree, named_sharding(self.mesh, axes, self.rules))
+    def sampling(self, params: list, batch: int) -> RowSampling:
+        """The rows' sampling options (padding rows greedy), laid out like the batch."""
+        return RowSampling.build(*(self.put(a, ("batch",)) for a in RowSampling.host_arrays(params, batch)))
+
+    def fetch(self, tree: Any) -> Any:
+        """Device arrays as host numpy arrays, every row of them: in a multi-process run each process gathers
+        the rows the others hold."""
+        if self.mesh is None or jax.process_count() == 1:
+            return jax.device_get(tree)
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
 
     def new_cache(self, batch: int, length: int, inside: bool = False) -> KVCache:
         """A zero cache of `length` positions for `batch` rows, laid out like the batch. inside: built inside

@@ -3,6 +3,8 @@ by `meshlm launch` on this machine: 2 processes x 4 simulated devices train like
 checkpoint they write continues on one process, and bad setups get one-line errors."""
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
@@ -45,28 +47,94 @@ def _losses(run_dir) -> dict[int, float]:
             if r.get("kind") == "train"}
 
 
-def test_two_processes_train_like_one_and_their_checkpoint_continues_on_one(tmp_path, store):
+@pytest.fixture(scope="module")
+def one(store, tmp_path_factory):
+    """The reference: 10 steps in one process with 8 devices."""
+    run_dir = tmp_path_factory.mktemp("runs") / "one"
+    result = _meshlm(*_train_args(run_dir, store, 10), "--cpu-devices", "8")
+    assert result.returncode == 0, result.stderr
+    return run_dir
+
+
+def _launch(processes: int, devices: int, *command, timeout=300):
+    return _meshlm("launch", "--processes", str(processes), "--cpu-devices", str(devices), "--", *command,
+                   timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def two(store, tmp_path_factory):
+    """The same 10 steps as 2 processes x 4 devices (`meshlm launch`)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "two"
+    result = _launch(2, 4, *_train_args(run_dir, store, 10))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[0] done: step 10" in result.stdout and "[1] done: step 10" in result.stdout
+    return run_dir
+
+
+def test_two_processes_train_like_one_and_their_checkpoint_continues_on_one(tmp_path, store, one, two):
     """Bound: the losses agree to float32 rounding (rtol 1e-6), not bit for bit: the gradients' all-reduce
     between processes (gloo) adds the shards' partial sums in another order than XLA:CPU's all-reduce inside one
     process. Only process 0 writes metrics."""
-    one = _meshlm(*_train_args(tmp_path / "one", store, 10), "--cpu-devices", "8")
-    assert one.returncode == 0, one.stderr
-    two = _meshlm("launch", "--processes", "2", "--cpu-devices", "4", "--",
-                  *_train_args(tmp_path / "two", store, 10))
-    assert two.returncode == 0, two.stdout + two.stderr
-    assert "[0] done: step 10" in two.stdout and "[1] done: step 10" in two.stdout
-    expected, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    shutil.copytree(two, tmp_path / "two")
+    expected, got = _losses(one), _losses(tmp_path / "two")
     assert sorted(got) == list(range(1, 11))
     np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=1e-6)
     with open(tmp_path / "two" / "metrics.jsonl") as f:
         assert len(f.read().splitlines()) == 11  # 10 steps and one evaluation, written once
     # the 2-process checkpoint (step 10) continues on 1 process x 8 devices like the 1-process run does
+    shutil.copytree(one, tmp_path / "one")
     for name in ("one", "two"):
         more = _meshlm(*_train_args(tmp_path / name, store, 15), "--cpu-devices", "8")
         assert more.returncode == 0, more.stderr
         assert "resumed from step 10" in more.stdout
     expected, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     np.testing.assert_allclose([got[s] for s in range(11, 16)], [expected[s] for s in range(11, 16)], rtol=1e-6)
+
+
+def test_generate_with_two_processes_equals_one_token_for_token(one):
+    """Greedy and sampled: the same text from a mesh split over 2 processes as from 1 process, printed once."""
+    for sampling in (["--temperature", "0"], ["--temperature", "0.9", "--seed", "5"]):
+        args = ["generate", "--checkpoint", str(one), "--prompt", "def f(x):", "--max-tokens", "16",
+                "--mesh", "data=2,tensor=4", *sampling]
+        alone = _meshlm(*args, "--cpu-devices", "8")
+        assert alone.returncode == 0, alone.stderr
+        both = _launch(2, 4, *args)
+        assert both.returncode == 0, both.stdout + both.stderr
+        # gloo prints its own connection lines to stdout (from C++, interleaved); the text comes last
+        lines = [line for line in both.stdout.splitlines() if "peer ranks" not in line]
+        assert "".join(line[4:] + "\n" for line in lines if line.startswith("[0] ")).endswith(alone.stdout)
+        assert not [line for line in lines if line.startswith("[1] ") and line[4:].strip()]  # process 0 prints
+
+
+def test_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_resumes_bit_for_bit(
+        tmp_path, store, two):
+    """Process 1 alone gets SIGTERM after step 4 (tests/fault_train.py): both processes stop after step 4,
+    save it and exit 0; `meshlm launch` of the same command then resumes and ends with the very losses of the
+    uninterrupted 2-process run."""
+    port = _free_port()
+    run_dir = tmp_path / "preempted"
+    cluster = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--cpu-devices", "4"]
+    train_args = _train_args(run_dir, store, 10)  # ["train", overrides...]
+    commands = [["-m", "meshlm", *train_args],  # process 0: plain
+                ["-m", "tests.fault_train", "term_at_step:4", *train_args[1:]]]  # process 1: SIGTERM after step 4
+    processes = [subprocess.Popen([sys.executable, *command, *cluster, "--process-id", str(i)], cwd=ROOT, env=_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i, command in enumerate(commands)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (_, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, err
+    assert "SIGTERM: stopped after step 4" in outputs[0][0]  # process 0 logs it: it stopped too
+    assert sorted(_losses(run_dir)) == [1, 2, 3, 4]
+    resumed = _launch(2, 4, *_train_args(run_dir, store, 10))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "[0] run" in resumed.stdout and "resumed from step 4" in resumed.stdout
+    assert _losses(run_dir) == _losses(two)  # all 10, bit for bit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -96,4 +164,4 @@ def test_launch_exits_non_zero_when_its_processes_fail(store, tmp_path):
                      *_train_args(tmp_path / "bad", store, 2)[:-3], "mesh.data=16", timeout=300)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "meshlm launch: process" in result.stderr and "exited with 2" in result.stderr
-    assert "[0] meshlm train: error:" in result.stdout or "[1] meshlm train: error:" in result.stdout
+    assert "[0] meshlm train: error:" in result.stderr or "[1] meshlm train: error:" in result.stderr

@@ -62,7 +62,7 @@ class TrainResult:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step."""
+    """Turns SIGTERM into a flag the loop checks after each step (with every process of a multi-process run)."""
 
     def __init__(self):
         self.requested = False
@@ -77,6 +77,15 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any process of the run got a SIGTERM: every process asks after every step, so all of them
+        stop after the same step (one process's flag, gathered; alone, its own)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested))))
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -233,7 +242,7 @@ class Run:
                         self._evaluate()
                     for hook in hooks:
                         hook.after_step(self.step, self)
-                    if preemption.requested and not last:
+                    if preemption.agreed() and not last:
                         self._stop_for_preemption()
                         break
         finally:
