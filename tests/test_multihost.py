@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import datasets
 import numpy as np
@@ -129,6 +130,33 @@ def test_sigterm_to_one_process_stops_both_after_the_same_step_and_the_rerun_res
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "[0] run" in resumed.stdout and "resumed from step 4" in resumed.stdout
     assert _losses(run_dir) == _losses(two)  # all 10, bit for bit
+
+
+def test_a_killed_process_ends_the_others_within_the_heartbeat_timeout_and_the_rerun_resumes(tmp_path, store):
+    """SIGKILL to process 1 once a checkpoint exists: process 0 does not hang; jax's coordination service misses
+    process 1's heartbeats and ends process 0 (non-zero, its message names task 1) within HEARTBEAT_SECS plus a
+    step. Running the same command again resumes from the last complete checkpoint."""
+    from model.runtime import HEARTBEAT_SECS
+
+    port = _free_port()
+    run_dir = tmp_path / "killed"
+    cluster = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--cpu-devices", "4"]
+    train_args = _train_args(run_dir, store, 40)
+    commands = [["-m", "meshlm", *train_args],
+                ["-m", "tests.fault_train", "kill_after_step:5", *train_args[1:]]]  # SIGKILL once step 5 is saved
+    processes = [subprocess.Popen([sys.executable, *command, *cluster, "--process-id", str(i)], cwd=ROOT, env=_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i, command in enumerate(commands)]
+    _, err1 = processes[1].communicate(timeout=300)
+    assert processes[1].returncode == -9, err1
+    start = time.monotonic()
+    _, err0 = processes[0].communicate(timeout=HEARTBEAT_SECS + 90)
+    assert processes[0].returncode != 0
+    assert time.monotonic() - start < HEARTBEAT_SECS + 60
+    assert "Task 1" in err0 or "task 1" in err0
+    resumed = _launch(2, 4, *_train_args(run_dir, store, 10))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from step 5" in resumed.stdout
 
 
 def _free_port() -> int:
