@@ -61,3 +61,17 @@ def float64(monkeypatch):
         monkeypatch.setitem(model_config.DTYPES, "float64", jnp.float64)
         monkeypatch.setattr(transformer, "F32", jnp.float64)
         yield
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    """A small token store of the embedded corpus with a trained 512-token BPE, rows of 32 tokens (the
+    training-loop and multi-process tests train the tiny preset on it)."""
+    import datasets
+
+    from data.pipeline import PrepareConfig, prepare
+
+    datasets.disable_progress_bars()
+    path = str(tmp_path_factory.mktemp("data") / "store")
+    prepare(PrepareConfig(out=path, limit=120, tokenizer="bpe:512", seq_len=32, num_proc=1), verbose=False)
+    return path

@@ -9,23 +9,13 @@ import subprocess
 import sys
 import time
 
-import datasets
 import numpy as np
 import pytest
 
-from data.pipeline import PrepareConfig, prepare
 from train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    datasets.disable_progress_bars()
-    path = str(tmp_path_factory.mktemp("data") / "store")
-    prepare(PrepareConfig(out=path, limit=120, tokenizer="bpe:512", seq_len=32, num_proc=1), verbose=False)
-    return path
 
 
 def _env() -> dict:

@@ -6,22 +6,11 @@ import signal
 import subprocess
 import sys
 
-import datasets
 import pytest
 
-from data.pipeline import PrepareConfig, prepare
 from train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
-    """A small token store of the embedded corpus with a trained 512-token BPE."""
-    datasets.disable_progress_bars()
-    path = str(tmp_path_factory.mktemp("data") / "store")
-    prepare(PrepareConfig(out=path, limit=120, tokenizer="bpe:512", seq_len=32, num_proc=1), verbose=False)
-    return path
 
 
 def _train(run_dir, store, *overrides, fault=None, timeout=300):
