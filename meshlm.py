@@ -296,30 +296,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_source(args: argparse.Namespace) -> str:
-    """The one model source `meshlm serve` was given, checked as far as it can be without loading it: the
-    file or directory exists, the packaged model is known and installed, the preset is known. Returns it."""
-    from infer.sampling import InferenceError
+    """The one model source `meshlm serve` was given, checked before the port is bound (model.load.check_source;
+    a preset needs a tokenizer too). Returns it."""
+    from model.errors import ModelError
+    from model.load import check_source
 
-    given = [(flag, value) for flag, value in (("--checkpoint", args.checkpoint), ("--gguf", args.gguf),
-                                               ("--hf", args.hf), ("--model", args.model), ("--preset", args.preset))
-             if value]
-    if len(given) != 1:
-        raise InferenceError("give exactly one of --checkpoint, --gguf, --hf, --model, --preset"
-                             + (f" (got {', '.join(flag for flag, _ in given)})" if given else ""))
-    [(flag, value)] = given
-    if flag == "--model":
-        from model.gguf import packaged_model_path
-
-        packaged_model_path(value)
-    elif flag == "--preset":
-        from model import get_preset
-
-        get_preset(value)
-        if not args.tokenizer:
-            raise InferenceError("--preset (random weights) needs --tokenizer: its vocabulary sets the model's")
-    elif not (os.path.isfile(value) if flag == "--gguf" else os.path.isdir(value)):
-        what = "GGUF file" if flag == "--gguf" else "directory"
-        raise InferenceError(f"{flag} {value}: no such {what}")
+    _, value = check_source(checkpoint=args.checkpoint, gguf=args.gguf, hf=args.hf, model=args.model,
+                            preset=args.preset)
+    if args.preset and not args.tokenizer:
+        raise ModelError("--preset (random weights) needs --tokenizer: its vocabulary sets the model's")
     return value
 
 

@@ -134,10 +134,7 @@ def load_model(checkpoint: str | None = None, gguf: str | None = None, hf: str |
     description (needed for a Hugging Face directory, whose tokenizer.json meshlm does not read, and a preset).
     `execution`: how the returned graph runs (compute dtype; default Execution(), float32): a setting of the
     run, not of the weights."""
-    given = [name for name, value in zip(SOURCES, (checkpoint, gguf, hf, model, preset), strict=True) if value]
-    if len(given) != 1:
-        raise WeightsError(f"give exactly one of --checkpoint, --gguf, --hf, --model, --preset "
-                           f"(got {given or 'none'})")
+    check_source(checkpoint=checkpoint, gguf=gguf, hf=hf, model=model, preset=preset)
     if preset:
         from model.config import get_preset
         from model.placement import init_model
@@ -169,6 +166,28 @@ def load_model(checkpoint: str | None = None, gguf: str | None = None, hf: str |
         own, template = None, None
     graphdef = nnx.split(abstract_model(config, execution=execution))[0]
     return LoadedModel(config, graphdef, params, tokenizer or own, template, gguf or hf)
+
+
+def check_source(**sources: str | None) -> tuple[str, str]:
+    """(kind, value) of the one source given among SOURCES, checked as far as it can be without reading it: the
+    file or directory exists, the packaged model is known and installed, the preset is known. A WeightsError
+    (or ConfigError for a preset) says what is wrong."""
+    given = [(kind, value) for kind, value in sources.items() if value]
+    if len(given) != 1:
+        raise WeightsError("give exactly one of --checkpoint, --gguf, --hf, --model, --preset"
+                           + (f" (got {', '.join('--' + kind for kind, _ in given)})" if given else ""))
+    [(kind, value)] = given
+    if kind == "model":
+        from model.gguf import packaged_model_path
+
+        packaged_model_path(value)
+    elif kind == "preset":
+        from model.config import get_preset
+
+        get_preset(value)
+    elif not (os.path.isfile(value) if kind == "gguf" else os.path.isdir(value)):
+        raise WeightsError(f"--{kind} {value}: no such {'GGUF file' if kind == 'gguf' else 'directory'}")
+    return kind, value
 
 
 def source_kind(source: str) -> dict[str, str]:
