@@ -19,10 +19,12 @@ Bad input is one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
+import traceback
 
 
 def _human(n: float) -> str:
@@ -55,9 +57,20 @@ DEMO_PROMPT = "def fibonacci(n):\n"
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job: prepare the embedded corpus, train a preset on a mesh, evaluate, sample."""
+    import jax
+
+    if jax.process_index() > 0:  # one of several processes: process 0 prints (errors go to stderr from each)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return _demo(args)
+    return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
     import datasets
+    import jax
     import numpy as np
     from flax import nnx
+    from jax.experimental.multihost_utils import sync_global_devices
 
     from data.loader import split_rows
     from data.pipeline import PrepareConfig, prepare
@@ -70,12 +83,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     store_path = os.path.join(args.run_dir, "data")
     print(f"== 1. data: the embedded corpus -> {store_path}")
-    if os.path.exists(os.path.join(store_path, "metadata.json")):
+    prepared = os.path.join(store_path, "metadata.json")
+    if os.path.exists(prepared):
         print("   (already prepared)")
-    else:
-        datasets.disable_progress_bars()
-        prepare(PrepareConfig(out=store_path, tokenizer=f"bpe:{get_preset(args.preset).vocab_size}",
-                              seq_len=args.seq_len, limit=args.limit, overwrite=True))
+    for turn in ("lead", "others"):  # several processes: process 0 first; a host without a shared disk next
+        if (turn == "lead") == (jax.process_index() == 0) and not os.path.exists(prepared):
+            datasets.disable_progress_bars()
+            prepare(PrepareConfig(out=store_path, tokenizer=f"bpe:{get_preset(args.preset).vocab_size}",
+                                  seq_len=args.seq_len, limit=args.limit, overwrite=True))
+        if jax.process_count() > 1 and turn == "lead":
+            sync_global_devices("meshlm demo: data prepared")
     store = open_store(store_path)
 
     mesh_shape = parse_mesh(args.mesh)
@@ -196,6 +213,7 @@ def _quiet(*args, **kwargs) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """An interactive chat in the terminal: the model's chat template, replies streamed as they are made."""
+    _one_process_only("chat")
     from infer.decode import Decoder
     from infer.generate import model_tokenizer, render_chat, stream_text
     from infer.sampling import InferenceError
@@ -249,6 +267,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible HTTP server: listens at once, loads the model in the background (/health says
     when it is ready), drains in-flight requests on SIGTERM."""
+    _one_process_only("serve")
     import logging
 
     import uvicorn
@@ -752,13 +771,21 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _start_runtime(args: argparse.Namespace, from_command_line: bool) -> None:
     """Process settings for a command that runs JAX, made before JAX is imported."""
-    from model.runtime import join_cluster, preload_allocator, set_compile_cache, set_xla_flags
+    from model.runtime import (
+        join_cluster,
+        preload_allocator,
+        quiet_native_stdout,
+        set_compile_cache,
+        set_xla_flags,
+    )
 
     if from_command_line:  # the `meshlm` command itself, not a call of main() from Python
         preload_allocator()
     set_xla_flags(cpu_devices=args.cpu_devices)
     set_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
-    join_cluster(args.coordinator, args.num_processes, args.process_id)
+    _, processes = join_cluster(args.coordinator, args.num_processes, args.process_id)
+    if processes > 1 and from_command_line:
+        quiet_native_stdout()  # gloo's connection lines; stdout keeps the command's own output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -771,10 +798,50 @@ def main(argv: list[str] | None = None) -> int:
             _start_runtime(args, from_command_line=argv is None)
         return COMMANDS[name][1](args)
     except Exception as error:
+        several = "jax" in sys.modules and _processes() > 1
+        where = ""
+        if several:  # one process of several: its errors carry its index; one that lost another says which
+            import jax
+
+            from model.runtime import lost_peer_error
+
+            where = f" (process {jax.process_index()})"
+            lost = lost_peer_error(error)
+            if lost is not None:
+                print(f"meshlm {name}: error{where}: {lost}", file=sys.stderr)
+                _exit_now(1)
         if not isinstance(error, _user_errors()):
+            if several:
+                print(f"meshlm {name}: internal error{where}:", file=sys.stderr)
+                traceback.print_exc()
+                _exit_now(1)
             raise
-        print(f"meshlm {name}: error: {error}", file=sys.stderr)
+        print(f"meshlm {name}: error{where}: {error}", file=sys.stderr)
+        if several:
+            _exit_now(2)
         return 2
+
+
+def _one_process_only(command: str) -> None:
+    from model.errors import ClusterError
+
+    if _processes() > 1:
+        raise ClusterError(f"meshlm {command} runs as one process; serving across hosts is not built yet (README, "
+                           f"'Run on a pod or a cluster'). Start it without --coordinator, outside a multi-task job")
+
+
+def _processes() -> int:
+    import jax
+
+    return jax.process_count() if jax.distributed.is_initialized() else 1
+
+
+def _exit_now(status: int) -> None:
+    """One process of several ends at once: jax.distributed's exit waits for every process at a barrier, and
+    the others, waiting for this one in a collective, would never come."""
+    from model.runtime import exit_now
+
+    exit_now(status)
 
 
 if __name__ == "__main__":

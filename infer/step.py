@@ -29,7 +29,7 @@ from infer.sampling import RowSampling
 from model.cache import CACHE_AXES, KVCache, init_cache
 from model.config import ModelConfig
 from model.placement import place_params, put_params
-from model.sharding import Rules, activation_sharding, constrain, named_sharding
+from model.sharding import Rules, activation_sharding, constrain, default_mesh, named_sharding
 
 
 @flax.struct.dataclass
@@ -88,6 +88,8 @@ class OnMesh:
 
     def __init__(self, config: ModelConfig, graphdef: Any, params: Any, mesh: Mesh | None, rules: Rules,
                  allowed: np.ndarray | None):
+        if mesh is None and jax.process_count() > 1:  # one process of several: each holds a part
+            mesh = default_mesh()
         self.config, self.graphdef, self.mesh, self.rules = config, graphdef, mesh, rules
         placed = place_params(params, config, mesh, rules)
         self.execution = self.model(placed).execution  # how the model runs (kept in its graph): compute dtype

@@ -39,7 +39,7 @@ from model.checkpoint import (
 from model.config import Execution, ModelConfig
 from model.hf import WeightsError
 from model.placement import abstract_model, param_layout, place_params, put_params
-from model.sharding import make_mesh
+from model.sharding import default_mesh, make_mesh
 
 SOURCES = ("checkpoint", "gguf", "hf", "model", "preset")  # the keyword arguments of load_model
 TOKENIZER, CHAT_TEMPLATE = "tokenizer", "chat_template"  # their keys in a checkpoint's layout metadata
@@ -113,10 +113,10 @@ def legacy_metadata(path: str) -> tuple[str | None, str | None]:
 def load_checkpoint(path: str, mesh: Mesh | None = None, step: int | None = None,
                     execution: Execution | None = None) -> tuple[ModelConfig, Any, dict, dict]:
     """(config, graphdef, params, layout metadata) of a training or converted checkpoint, the parameters placed
-    shard by shard on `mesh` (default: a one-device mesh); the graph runs with `execution` (default Execution())."""
+    shard by shard on `mesh` (default: default_mesh()); the graph runs with `execution` (default Execution())."""
     saved = checkpoint_layout(path, step)
     config = ModelConfig.from_dict(saved["model_config"])
-    target, layout = restore_target(config, mesh if mesh is not None else _single_device_mesh())
+    target, layout = restore_target(config, mesh if mesh is not None else default_mesh())
     params = restore_params(checkpoint_dir(path), target, step=step, layout=layout)
     return config, nnx.split(abstract_model(config, execution=execution))[0], params, saved
 

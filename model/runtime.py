@@ -13,7 +13,10 @@ library's allocator is chosen when the process starts. Nothing here imports JAX.
   of compiled again. Per user by default ($XDG_CACHE_HOME/meshlm/jax), or $JAX_COMPILATION_CACHE_DIR.
 - `join_cluster`: one process of several (jax.distributed: explicit --coordinator / --num-processes /
   --process-id, MESHLM_* variables, or jax's own detection of SLURM, Open MPI and Cloud TPU slices), with
-  gloo collectives between CPU processes and bounded waits (JOIN_TIMEOUT_SECS, HEARTBEAT_SECS).
+  gloo collectives between CPU processes and bounded waits (JOIN_TIMEOUT_SECS, HEARTBEAT_SECS; at exit,
+  JOIN_TIMEOUT_SECS for the others).
+- `lost_peer_error`: after a failed collective, a roll call among the processes left names the lost ones
+  (ROLL_CALL_SECS); `exit_now` ends a process without waiting for the others at jax's exit barrier.
 """
 
 from __future__ import annotations
@@ -224,7 +227,7 @@ def join_cluster(coordinator: str | None = None, num_processes: int | None = Non
         _wait_for(settings["coordinator_address"], timeout)
     try:
         jax.distributed.initialize(**(settings or {}), initialization_timeout=timeout,
-                                   heartbeat_timeout_seconds=HEARTBEAT_SECS)
+                                   heartbeat_timeout_seconds=HEARTBEAT_SECS, shutdown_timeout_seconds=timeout)
     except Exception as error:  # jax raises RuntimeError / XlaRuntimeError with the coordinator's status
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise ClusterError(f"could not join the multi-process run at {where} within {timeout} s: {first}") from None
@@ -250,3 +253,76 @@ def _wait_for(address: str, timeout: float) -> None:
             time.sleep(0.5)
     raise ClusterError(f"could not join the multi-process run at {address} within {timeout:g} s: the coordinator "
                        f"(process 0) does not answer ({last}); start it, or check --coordinator")
+
+
+# Seconds the processes left after a failed collective wait for each other to answer a roll call: the
+# processes that do not answer are named as lost (died or killed) and the others stop. Well inside
+# HEARTBEAT_SECS, after which jax's coordination service would end them with a less specific message.
+ROLL_CALL_SECS = 10
+_ROLL_CALL_KEY = "meshlm/roll_call/"
+
+
+def quiet_native_stdout() -> None:
+    """Give Python's sys.stdout a file descriptor of its own and point descriptor 1, where C++ libraries print,
+    at /dev/null: gloo prints a line for every connection between CPU processes, in pieces that interleave
+    with other output. stdout then carries only what the command prints (the text of `meshlm generate`);
+    C++ logs and errors go to stderr as before."""
+    sys.stdout.flush()
+    own = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    sys.stdout = open(own, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors)  # noqa: SIM115
+
+
+def _is_lost_peer(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another process went away (gloo between CPU
+    processes; the coordination service's own verdict elsewhere)."""
+    text = str(error)
+    return type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and any(
+        sign in text for sign in ("Gloo", "Connection closed by peer", "Connection reset by peer", "heartbeat",
+                                  "unhealthy", "UNAVAILABLE"))
+
+
+def lost_peer_error(error: BaseException, wait: float = ROLL_CALL_SECS):
+    """In a multi-process run, a ClusterError naming the processes that are gone when `error` is a failed
+    collective: each process left answers a roll call in the coordination service's key-value store, and
+    those that do not answer within `wait` seconds are named (process 0, whose service holds the store, when
+    the store itself does not answer). None when `error` is something else or every process answers."""
+    import time
+
+    import jax
+    from jax._src import distributed
+
+    from model.errors import ClusterError
+
+    client = distributed.global_state.client
+    if client is None or jax.process_count() == 1 or not _is_lost_peer(error):
+        return None
+    me, count = jax.process_index(), jax.process_count()
+    first = str(error).strip().splitlines()[0][:200]
+    try:
+        client.key_value_set(f"{_ROLL_CALL_KEY}{me}", "here")
+        deadline = time.monotonic() + wait
+        while True:
+            answered = {int(key.rsplit("/", 1)[1]) for key, _ in client.key_value_dir_get(_ROLL_CALL_KEY)}
+            if len(answered) == count or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        lost = sorted(set(range(count)) - answered)
+    except Exception:  # the store does not answer: process 0, which holds it, is gone
+        lost = [0]
+    if not lost:
+        return None
+    names = ", ".join(f"process {i}" + (" (the coordinator)" if i == 0 else "") for i in lost)
+    return ClusterError(f"lost {names} of {count}: a collective with it failed ({first}) and it did not answer "
+                        f"within {wait:g} s: it ended (see its own error) or was killed. Process {me} stops too. "
+                        "Run the same command on every process to resume from the last complete checkpoint")
+
+
+def exit_now(status: int) -> None:
+    """End this process at once, after flushing its output: without jax.distributed's shutdown barrier, which
+    waits for every process and, with one gone, ends in an abort after HEARTBEAT_SECS."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -18,12 +18,16 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from model.errors import ModelError
 
 # Outermost to innermost: `tensor` last, so it lands on the closest devices.
 MESH_AXES = ("data", "stage", "fsdp", "tensor")
+# Slices of a multi-slice pod over the slow data-center network (DCN): these axes' sizes multiply the
+# in-slice size of their axis, and are laid out outside it. Never tensor: it all-reduces inside every layer.
+DCN_AXES = ("dcn_data", "dcn_stage", "dcn_fsdp")
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Mapping[str, MeshAxes]
@@ -68,40 +72,105 @@ def parse_mesh(text: str) -> dict[str, int]:
     return shape
 
 
-def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> dict[str, int]:
-    """All four axes with sizes; a single -1 becomes whatever the devices leave."""
-    unknown = set(shape) - set(MESH_AXES)
+def _split_dcn(shape: Mapping[str, int]) -> tuple[dict[str, int], dict[str, int]]:
+    """(in-slice sizes as given, slice counts per axis) of a shape that may name DCN_AXES."""
+    if "dcn_tensor" in shape:
+        raise ShardingError("there is no dcn_tensor: tensor parallelism all-reduces inside every layer and must stay "
+                            "on the fast links inside a slice; put dcn_data or dcn_fsdp on the data-center network")
+    unknown = set(shape) - set(MESH_AXES) - set(DCN_AXES)
     if unknown:
-        raise ShardingError(f"unknown mesh axis {sorted(unknown)[0]!r}; the mesh axes are {MESH_AXES}")
-    sizes = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+        raise ShardingError(f"unknown mesh axis {sorted(unknown)[0]!r}; the mesh axes are {MESH_AXES}, and "
+                            f"{DCN_AXES} between slices")
+    dcn = {axis: int(shape.get(f"dcn_{axis}", 1)) for axis in MESH_AXES}
+    if any(size < 1 for size in dcn.values()):
+        raise ShardingError(f"dcn_* sizes are slice counts and must be positive (no -1); got {dict(shape)}")
+    return {axis: size for axis, size in shape.items() if axis in MESH_AXES}, dcn
+
+
+def _resolve(shape: Mapping[str, int], n_devices: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(sizes inside one slice, slice counts) of every axis. Without dcn_* axes the whole mesh is one slice."""
+    in_slice, dcn = _split_dcn(shape)
+    sizes = {axis: int(in_slice.get(axis, 1)) for axis in MESH_AXES}
     free = [axis for axis, size in sizes.items() if size == -1]
     bad = [axis for axis, size in sizes.items() if size < 1 and size != -1]
     if bad or len(free) > 1:
         raise ShardingError(f"mesh sizes must be positive, with at most one -1; got {dict(shape)}")
+    slices = math.prod(dcn.values())
+    if n_devices % slices:
+        raise ShardingError(f"mesh {dict(shape)}: {slices} slices (the dcn_* sizes' product) do not divide the "
+                            f"{n_devices} devices")
+    per_slice = n_devices // slices
+    where = f"{per_slice} devices per slice" if slices > 1 else f"{n_devices} devices"
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if free:
-        if n_devices % fixed:
-            raise ShardingError(
-                f"mesh {dict(shape)}: {n_devices} devices do not divide by the fixed axes' product {fixed}"
-            )
-        sizes[free[0]] = n_devices // fixed
-    elif fixed != n_devices:
+        if per_slice % fixed:
+            raise ShardingError(f"mesh {dict(shape)}: {where} do not divide by the fixed axes' product {fixed}")
+        sizes[free[0]] = per_slice // fixed
+    elif fixed != per_slice:
         raise ShardingError(
-            f"mesh {dict(shape)} needs {fixed} devices but {n_devices} are available; "
-            "change the sizes or give one axis -1"
+            f"mesh {dict(shape)} needs {fixed * slices} devices but {n_devices} are available"
+            + (f" ({slices} slices of {fixed})" if slices > 1 else "") + "; change the sizes or give one axis -1"
         )
-    return sizes
+    return sizes, dcn
+
+
+def resolve_mesh_shape(shape: Mapping[str, int], n_devices: int) -> dict[str, int]:
+    """Every axis's size on `n_devices`: a single -1 becomes whatever the devices leave (in each slice when the
+    shape has dcn_* axes), and an axis spread over slices is its size in a slice times its slice count."""
+    sizes, dcn = _resolve(shape, n_devices)
+    return {axis: sizes[axis] * dcn[axis] for axis in MESH_AXES}
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh over `devices` (default: all) with axes `data, stage, fsdp, tensor`.
 
-    Axes left out have size 1; one size may be -1 ("the rest").
+    Axes left out have size 1; one size may be -1 ("the rest"). `dcn_data`, `dcn_stage` and `dcn_fsdp` spread
+    an axis over slices (a multi-slice pod's slices, joined by the data-center network): `{"dcn_data": 2,
+    "fsdp": -1}` on 2 slices of 256 chips is `data` 2 between the slices and `fsdp` 256 inside each. The
+    devices are grouped into slices by their `slice_index` (TPU), else by process (a process stands in for a
+    slice: a GPU host, or a local CPU process), and laid out with jax's hybrid mesh helper. Inside a slice, TPU
+    chips follow jax's topology-aware order (`create_device_mesh`), other devices jax's device order.
     """
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_mesh_shape(shape, len(devices))
-    grid = np.asarray(devices, dtype=object).reshape([sizes[axis] for axis in MESH_AXES])
+    grid = device_grid(shape, list(jax.devices() if devices is None else devices))
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_grid(shape: Mapping[str, int], devices: Sequence[Any]) -> np.ndarray:
+    """make_mesh's array of devices, [data, stage, fsdp, tensor]."""
+    sizes, dcn = _resolve(shape, len(devices))
+    in_slice = [sizes[axis] for axis in MESH_AXES]
+    slices = math.prod(dcn.values())
+    if slices == 1:
+        grid = np.asarray(devices, dtype=object).reshape(in_slice)
+        if devices[0].platform == "tpu":  # the chips' physical torus decides which neighbours an axis links
+            try:
+                grid = mesh_utils.create_device_mesh(in_slice, devices, allow_split_physical_axes=True)
+            except (ValueError, AssertionError, NotImplementedError):  # a subset of a slice: jax's order
+                pass
+    else:
+        slice_ids = {getattr(d, "slice_index", 0) for d in devices}
+        processes = {d.process_index for d in devices}
+        by_slice = len(slice_ids) == slices  # a multi-slice TPU pod; elsewhere a process stands in for a slice
+        if not by_slice and len(processes) != slices:
+            raise ShardingError(f"mesh {dict(shape)} spreads over {slices} slices (the product of its dcn_* sizes), "
+                                f"but the {len(devices)} devices form {len(slice_ids)} slice(s) and come from "
+                                f"{len(processes)} process(es) (a process stands in for a slice where there is one "
+                                f"slice); make the dcn_* sizes multiply to the number of slices or processes")
+        grid = mesh_utils.create_hybrid_device_mesh(in_slice, [dcn[axis] for axis in MESH_AXES], devices,
+                                                    process_is_granule=not by_slice,
+                                                    allow_split_physical_axes=True)
+    return grid
+
+
+def default_mesh() -> Mesh:
+    """Where a model loaded for decoding goes when no mesh is given: one device; in a multi-process run the
+    first device of every process (a `data` axis across them: every process must hold a part of what it
+    computes with)."""
+    if jax.process_count() == 1:
+        return make_mesh({"data": 1}, devices=jax.devices()[:1])
+    firsts = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+              for p in range(jax.process_count())]
+    return make_mesh({"data": len(firsts)}, devices=firsts)
 
 
 def make_abstract_mesh(shape: Mapping[str, int], n_devices: int) -> AbstractMesh:

@@ -4,7 +4,8 @@
 
 kill_after_step:N  SIGKILL once step N's checkpoint is on disk (a crash);
 term_at_step:N     SIGTERM after step N (a preemption: the run saves and exits cleanly);
-nan_at_step:N      step N's batch weighs its tokens by NaN (once: a bad batch, not a bad model).
+nan_at_step:N      step N's batch weighs its tokens by NaN (once: a bad batch, not a bad model); in a
+                   multi-process run only this process's rows, so every process must learn of it from the step.
 
 The fault is a train.loop.StepHook given to `train`; the loop itself knows nothing of faults.
 """
@@ -33,7 +34,7 @@ class Fault:
     def before_step(self, step: int, batch: dict) -> dict:
         if self.kind == "nan_at_step" and step == self.step and not self.poisoned:  # not again after a rollback
             self.poisoned = True
-            return dict(batch, weights=batch["weights"] * float("nan"))
+            return dict(batch, weights=_poison(batch["weights"]))
         return batch
 
     def after_step(self, step: int, run) -> None:
@@ -44,6 +45,14 @@ class Fault:
         elif self.kind == "kill_after_step":
             run.checkpointer.wait()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _poison(weights):
+    """NaN in this process's shards of a global array (no computation with the other processes)."""
+    import jax
+
+    shards = [shard.data * float("nan") for shard in weights.addressable_shards]
+    return jax.make_array_from_single_device_arrays(weights.shape, weights.sharding, shards)
 
 
 def main(argv: list[str]) -> int:

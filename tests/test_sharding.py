@@ -21,7 +21,7 @@ from model import (
     sharded_forward,
     state_shardings,
 )
-from model.sharding import logical_axes_of, resolve_mesh_shape
+from model.sharding import device_grid, logical_axes_of, resolve_mesh_shape
 
 CONFIG = get_preset("tiny")
 BATCH, LENGTH = 8, 16
@@ -153,6 +153,58 @@ def test_mesh_shapes():
         make_mesh({"data": -1, "fsdp": -1})
     with pytest.raises(ShardingError, match="not AXIS=SIZE"):
         parse_mesh("data:2")
+
+
+class _Device:
+    """A stand-in device of a given process (or slice) for the mesh layout: jax.Mesh needs real devices, the
+    device grid does not."""
+    platform = device_kind = "cpu"
+
+    def __init__(self, id, process_index, slice_index=None):
+        self.id, self.process_index = id, process_index
+        if slice_index is not None:
+            self.slice_index = slice_index
+
+
+def _ids(grid) -> np.ndarray:
+    return np.vectorize(lambda d: d.id)(grid)
+
+
+def test_dcn_axes_spread_the_outer_part_of_an_axis_over_slices():
+    """dcn_data 2 x dcn_fsdp 2 over 4 processes of 2 devices, tensor 2 inside each: data and fsdp each take one
+    slice coordinate (the process), tensor stays inside a process. The processes here own interleaved devices,
+    so a plain reshape in device order would put tensor across processes."""
+    devices = [_Device(i, process_index=i % 4) for i in range(8)]
+    grid = device_grid({"dcn_data": 2, "dcn_fsdp": 2, "tensor": 2}, devices)
+    assert grid.shape == (2, 1, 2, 2)  # data, stage, fsdp, tensor
+    process = np.vectorize(lambda d: d.process_index)(grid)
+    np.testing.assert_array_equal(process[:, 0, :, 0], [[0, 1], [2, 3]])  # slice (data, fsdp) -> process
+    assert (process == process[..., :1]).all()  # each tensor pair inside one process
+    assert resolve_mesh_shape({"dcn_data": 2, "dcn_fsdp": 2, "tensor": 2}, 8) == {
+        "data": 2, "stage": 1, "fsdp": 2, "tensor": 2}
+    # in-slice sizes multiply by the slice counts; -1 is "the rest of a slice"
+    assert resolve_mesh_shape({"dcn_data": 2, "fsdp": -1}, 8) == {"data": 2, "stage": 1, "fsdp": 4, "tensor": 1}
+    # TPU slices (slice_index) rather than processes, when the devices carry distinct ones
+    tpu = [_Device(i, process_index=i // 2, slice_index=i // 4) for i in range(8)]
+    slices = np.vectorize(lambda d: d.slice_index)(device_grid({"dcn_data": 2, "fsdp": 4}, tpu))
+    np.testing.assert_array_equal(slices[:, 0, :, 0], [[0] * 4, [1] * 4])
+    # one process with 8 devices, 2 processes each with 4: as plain make_mesh when the processes own blocks
+    blocks = [_Device(i, process_index=i // 4) for i in range(8)]
+    np.testing.assert_array_equal(_ids(device_grid({"dcn_data": 2, "fsdp": 2, "tensor": 2}, blocks)),
+                                  np.arange(8).reshape(2, 1, 2, 2))
+
+
+def test_bad_dcn_axes_are_errors_that_say_what_to_change():
+    with pytest.raises(ShardingError, match="no dcn_tensor: tensor parallelism all-reduces inside every layer"):
+        make_mesh({"dcn_tensor": 2})
+    with pytest.raises(ShardingError, match=r"spreads over 2 slices .* come from 1 process\(es\)"):
+        make_mesh({"dcn_data": 2, "fsdp": -1})  # this test process alone: one slice
+    with pytest.raises(ShardingError, match="3 slices .* do not divide the 8 devices"):
+        make_mesh({"dcn_data": 3})
+    with pytest.raises(ShardingError, match=r"needs 16 devices but 8 are available \(2 slices of 8\)"):
+        make_mesh({"dcn_data": 2, "data": 8})
+    with pytest.raises(ShardingError, match="slice counts and must be positive"):
+        make_mesh({"dcn_fsdp": -1})
 
 
 def test_rules_table():

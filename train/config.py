@@ -45,13 +45,26 @@ class TrainConfigError(TrainError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
+    """Axis sizes (model.sharding.make_mesh). data/stage/fsdp/tensor are sizes inside a slice; dcn_* spread an
+    axis over slices joined by the data-center network (multi-slice pods; a process stands in for a slice where
+    devices carry no slice index): mesh axis data = dcn_data x data, and so on. There is no dcn_tensor."""
+
     data: int = 1
     stage: int = 1
     fsdp: int = -1  # by default every device shards parameters and batch (ZeRO-3)
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_stage: int = 1
+    dcn_fsdp: int = 1
 
     def shape(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+        """The sizes for make_mesh: the four axes, and the dcn_* axes that are not 1."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k.startswith("dcn_") and v == 1)}
+
+    @property
+    def stages(self) -> int:
+        """Pipeline stages: the stage axis's size over all slices."""
+        return self.stage * self.dcn_stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,9 +175,9 @@ class TrainConfig:
             self.model_execution  # noqa: B018 -- validates the execution settings
         except ConfigError as e:
             raise TrainConfigError(f"execution: {e}") from e
-        if self.mesh.stage > 1:
+        if self.mesh.stages > 1:
             try:
-                check_pipeline(self.model.n_layers, self.mesh.stage, self.pipeline.microbatches,
+                check_pipeline(self.model.n_layers, self.mesh.stages, self.pipeline.microbatches,
                                self.pipeline.virtual_stages, self.train.batch_size // self.train.microbatches)
             except PipelineError as e:
                 raise TrainConfigError(str(e)) from e

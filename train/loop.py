@@ -160,6 +160,10 @@ class Run:
             with open(os.path.join(config.run_dir, "config.yaml"), "w") as f:
                 yaml.safe_dump(config.to_dict(), f, sort_keys=False)
         self.mesh = make_mesh(config.mesh.shape())
+        if config.train.batch_size % jax.process_count():
+            raise TrainConfigError(f"train.batch_size {config.train.batch_size} does not divide over "
+                                   f"{jax.process_count()} processes: each process reads an equal part of every "
+                                   f"global batch; pick a multiple of {jax.process_count()}")
         self.store = open_store(config.data.store)
         _check_data(config, self.store)
         self.steps = build_steps(config.model, config.optim, config.schedule, config.train.steps, self.mesh,
