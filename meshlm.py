@@ -373,7 +373,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """Lay out a preset on a mesh of any size without allocating it: shapes, shardings, memory."""
+    """Lay out a preset on a mesh of any size without allocating it: shapes, shardings, memory. With
+    --topology: compile the run's train step for that TPU topology and report what the compiler says."""
+    if args.topology:
+        return _plan_topology(args)
+    missing = [name for name in ("preset", "mesh", "devices") if getattr(args, name) is None]
+    if missing:
+        from model.errors import ModelError
+
+        raise ModelError("meshlm plan needs --preset, --mesh and --devices (or --topology); missing: --"
+                         + ", --".join(missing))
     from flax import nnx
 
     from model import get_preset, parse_mesh
@@ -392,6 +401,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
     param_bytes = sum(math.prod(r["shard_shape"]) * np.dtype(r["dtype"]).itemsize for r in rows)
     print(f"parameter memory per device: {param_bytes / 2**30:.2f} GiB; "
           f"with AdamW's two float32 moments: {(param_bytes + 8 * elements) / 2**30:.2f} GiB")
+    return 0
+
+
+def _plan_topology(args: argparse.Namespace) -> int:
+    """`meshlm plan --topology`: the train step `meshlm train` would run with this config, compiled for a TPU
+    topology on this machine (libtpu; no TPU needed), then its per-chip memory, collectives and roofline."""
+    from model.tpu import quiet_libtpu
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # planning needs no local accelerator
+    quiet_libtpu()
+    from model import parse_mesh
+    from model.tpu import parse_topology
+    from train.config import load_config
+    from train.plan import plan_train
+
+    overrides = []
+    if args.preset:
+        overrides.append(f"model.preset={args.preset}")
+    if args.mesh:
+        overrides += [f"mesh.{axis}={size}" for axis, size in parse_mesh(args.mesh).items()]
+    if args.batch:
+        overrides.append(f"train.batch_size={args.batch}")
+    config = load_config(args.config, [*overrides, *args.overrides])
+    topology = parse_topology(args.topology, args.slices)
+    plan = plan_train(config, topology, args.seq_len or config.model.max_seq_len)
+    print("\n".join(plan.report()))
     return 0
 
 
@@ -616,11 +651,23 @@ def _launch_parser(sub) -> None:
 
 
 def _plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="lay out a preset on any mesh without allocating it")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--mesh", required=True, help="AXIS=SIZE,... over data/stage/fsdp/tensor; one may be -1")
-    p.add_argument("--devices", type=POSITIVE, required=True, help="number of devices in the planned mesh")
-    p.add_argument("--seq-len", type=POSITIVE, default=None)
+    p = sub.add_parser("plan", help="lay out a preset on any mesh without allocating it; with --topology, compile "
+                       "the train step for a TPU topology and report per-chip memory, collectives and a roofline")
+    p.add_argument("--preset", default=None)
+    p.add_argument("--mesh", default=None, help="AXIS=SIZE,... over data/stage/fsdp/tensor (and dcn_data/dcn_fsdp/"
+                   "dcn_stage between slices); one may be -1")
+    p.add_argument("--devices", type=POSITIVE, default=None, help="number of devices in the planned mesh "
+                   "(without --topology)")
+    p.add_argument("--seq-len", type=POSITIVE, default=None, help="tokens per row (default: the model's "
+                   "max_seq_len)")
+    p.add_argument("--topology", default=None, help="a TPU topology: v5p-128, v5e-16, v6e-8, v4-32, or a shape "
+                   "such as v5p:4x4x8 (needs libtpu: pip install -e '.[tpu]')")
+    p.add_argument("--slices", type=POSITIVE, default=1, help="slices of that topology over the data-center "
+                   "network (dcn_data=N unless the mesh names dcn_* axes)")
+    p.add_argument("--config", default=None, help="a YAML run config, as for meshlm train")
+    p.add_argument("--batch", type=POSITIVE, default=None, help="global batch in rows (train.batch_size)")
+    p.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE as for meshlm train, e.g. execution.remat=full "
+                   "execution.compute_dtype=bfloat16 train.microbatches=4")
 
 
 def _data_parsers(sub) -> None:
@@ -778,9 +825,11 @@ def _start_runtime(args: argparse.Namespace, from_command_line: bool) -> None:
         set_compile_cache,
         set_xla_flags,
     )
+    from model.tpu import quiet_libtpu
 
     if from_command_line:  # the `meshlm` command itself, not a call of main() from Python
         preload_allocator()
+    quiet_libtpu()  # libtpu installed on a machine without TPUs: no probing, no warnings
     set_xla_flags(cpu_devices=args.cpu_devices)
     set_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
     _, processes = join_cluster(args.coordinator, args.num_processes, args.process_id)

@@ -1,0 +1,187 @@
+"""Plan a training run for a TPU topology on this machine: the train step `meshlm train` would run (same
+build_steps, same shardings), lowered and compiled by the TPU compiler for the topology (model/tpu.py), then
+read back: per-chip memory against HBM, the collectives per step, and a roofline step time.
+
+    plan = plan_train(config, parse_topology("v5p-128"), seq_len=4096)
+    print("\\n".join(plan.report()))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from model.config import flops_per_token, matmul_param_count
+from model.sharding import make_mesh
+from model.tpu import (
+    GIB,
+    CompiledCost,
+    PlanError,
+    Roofline,
+    Topology,
+    analyse,
+    collective_table,
+    fits,
+    padded_bytes_bound,
+    roofline,
+    seconds,
+    size,
+)
+from model.tpu import topology_devices as _devices
+from train.config import TrainConfig
+from train.step import BATCH_KEYS, build_steps
+
+BATCH_DTYPES = {"weights": jnp.float32}  # the rest int32 (data.loader.batch_from_rows)
+
+
+def _shard_bytes(tree: Any, padded: bool = False) -> int:
+    """Bytes of one device's shards of a tree of ShapeDtypeStructs carrying shardings (evenly divided arrays
+    have equal shards); `padded`: the most they can take once tiled on a TPU (model.tpu.padded_bytes_bound)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = tuple(leaf.sharding.shard_shape(leaf.shape)) if leaf.sharding is not None else tuple(leaf.shape)
+        itemsize = jnp.dtype(leaf.dtype).itemsize
+        total += padded_bytes_bound(shape, itemsize) if padded else math.prod(shape) * itemsize
+    return total
+
+
+@dataclasses.dataclass
+class TrainPlan:
+    config: TrainConfig
+    topology: Topology
+    mesh_shape: dict[str, int]
+    seq_len: int
+    cost: CompiledCost | None  # None: the compiler stopped because the step does not fit (`refusal` says why)
+    state_bytes: int  # analytic: parameter + optimiser-state shards per chip (what `meshlm plan` computes)
+    batch_bytes: int  # analytic: the batch's shards per chip
+    padded_bytes: int  # the most state and batch can take once tiled (model.tpu.padded_bytes_bound)
+    flops: float  # model FLOPs per chip per step (6N + attention, as the training MFU counts them)
+    executed_flops: float  # with remat's recomputed forward
+    hbm_bytes: float  # a lower bound of HBM traffic per chip per step
+    time: Roofline | None
+    compile_seconds: float
+    refusal: str | None = None  # the compiler's out-of-memory message
+
+    @property
+    def fits(self) -> bool:
+        return self.cost is not None and fits(self.cost, self.topology.chip)[0]
+
+    @property
+    def mfu(self) -> float:
+        """The MFU the roofline bound implies: model FLOPs over what the chip could do in that time."""
+        return self.flops / (self.time.bound_s * self.topology.chip.peak_flops)
+
+    @property
+    def tokens_per_s_per_chip(self) -> float:
+        return self.config.train.batch_size * self.seq_len / self.time.bound_s / self.topology.chips
+
+    def hint(self) -> str:
+        """What would free memory, when the plan does not fit."""
+        c, mesh = self.cost, self.mesh_shape
+        state = self.state_bytes if c is None else c.argument_bytes
+        parts = []
+        if c is None or c.argument_bytes > c.temp_bytes:
+            parts.append(f"shard parameters and optimiser state wider (mesh.fsdp, now {mesh['fsdp']}; they take "
+                         f"{state / GIB:.1f} GiB per chip)")
+        if self.config.execution.remat != "full":
+            temps = "" if c is None else f" (temporaries take {c.temp_bytes / GIB:.1f} GiB per chip)"
+            parts.append(f"execution.remat=full{temps}")
+        parts.append(f"more train.microbatches (now {self.config.train.microbatches}: activations scale with the "
+                     "microbatch)")
+        return "to free memory: " + "; ".join(parts) + "; or a larger topology"
+
+    def report(self) -> list[str]:
+        chip, c, t = self.topology.chip, self.cost, self.time
+        mesh = ", ".join(f"{k}={v}" for k, v in self.mesh_shape.items())
+        lines = [
+            f"plan: train {self.config.model.n_layers}-layer model ({matmul_param_count(self.config.model) / 1e9:.2f}B "
+            f"matmul parameters) on {self.topology.name} ({self.topology.chips} chips), mesh {mesh}",
+            f"  batch {self.config.train.batch_size} x {self.seq_len} tokens, {self.config.train.microbatches} "
+            f"microbatch(es), compute {self.config.execution.compute_dtype}, remat {self.config.execution.remat}; "
+            f"compiled for the TPU in {self.compile_seconds:.1f} s",
+        ]
+        if c is None:
+            return [*lines, "per-chip memory:",
+                    f"  parameter + AdamW shards {size(self.state_bytes)} (analytic), batch {size(self.batch_bytes)}",
+                    f"  does not fit: the TPU compiler stopped: {self.refusal}", "  " + self.hint()]
+        ok, verdict = fits(c, chip)
+        lines += [
+            "per-chip memory (the TPU compiler's):",
+            f"  arguments {size(c.argument_bytes):>11}   (analytic: parameter + AdamW shards {size(self.state_bytes)}, "
+            f"batch {size(self.batch_bytes)})",
+            f"  temporaries {size(c.temp_bytes):>9}   output {size(c.output_bytes)} ({size(c.alias_bytes)} reuses "
+            f"donated inputs)   code {size(c.code_bytes)}",
+            f"  total {size(c.total_bytes):>15}   {verdict}",
+        ]
+        if not ok:
+            lines.append("  " + self.hint())
+        lines += ["collectives per step (per chip):", *("  " + row for row in collective_table(c.collectives))]
+        ici = "n/a (unpublished ICI bandwidth)" if t.ici_s is None else seconds(t.ici_s)
+        lines += [
+            "roofline step time (an estimate, not a measurement):",
+            f"  compute {seconds(t.compute_s)} ({self.executed_flops / 1e12:.3g} TFLOP per chip at "
+            f"{chip.peak_flops / 1e12:.0f} TFLOP/s)   HBM {seconds(t.hbm_s)} (>= {size(self.hbm_bytes)} at "
+            f"{chip.hbm_bandwidth / 1e9:.0f} GB/s)   ICI {ici}   DCN {seconds(t.dcn_s)}",
+            f"  bound {seconds(t.bound_s)} ({t.limit}-bound): MFU <= {self.mfu:.1%}, "
+            f"<= {self.tokens_per_s_per_chip:,.0f} tokens/s per chip",
+        ]
+        if c.compiler_seconds:
+            lines.append(f"  the compiler's own estimate: {seconds(c.compiler_seconds)} (it counts each loop body "
+                         "once)")
+        return lines
+
+
+def plan_mesh_shape(config: TrainConfig, topology: Topology) -> dict[str, int]:
+    """The run's mesh shape, with the slices on DCN: `--slices N` and no dcn_* axis given -> dcn_data=N."""
+    shape = config.mesh.shape()
+    if topology.slices > 1 and not any(k.startswith("dcn_") for k in shape):
+        shape["dcn_data"] = topology.slices
+    return shape
+
+
+def plan_train(config: TrainConfig, topology: Topology, seq_len: int) -> TrainPlan:
+    """Compile `config`'s train step for `topology` and read its costs. A layout that does not divide is a
+    PlanError naming the parameter (from the same checks `meshlm train` makes)."""
+    mesh = make_mesh(plan_mesh_shape(config, topology), devices=_devices(topology))
+    batch_size, execution = config.train.batch_size, config.model_execution
+    steps = build_steps(config.model, config.optim, config.schedule, config.train.steps, mesh, batch_size,
+                        config.train.microbatches, execution=execution)
+    batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), BATCH_DTYPES.get(key, jnp.int32),
+                                       sharding=steps.batch_shardings[key]) for key in BATCH_KEYS}
+    start = time.perf_counter()
+    cost, refusal = None, None
+    try:
+        compiled = steps.train_step.lower(steps.abstract_state, batch).compile()
+        cost = analyse(compiled, mesh)
+    except Exception as e:  # out of HBM is a result (does not fit); anything else is an error
+        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+        if "RESOURCE_EXHAUSTED" not in first:
+            raise PlanError(f"the TPU compiler refused the train step on {topology.name}: {first}") from None
+        refusal = first.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
+    seconds = time.perf_counter() - start
+    chips = topology.chips
+    tokens = batch_size * seq_len
+    flops = flops_per_token(config.model, seq_len) * tokens / chips
+    executed = flops * (4 / 3 if config.execution.remat == "full" else 1.0)
+    state_bytes = _shard_bytes(steps.abstract_state)
+    # HBM lower bound: the state is read and written once, the gradients written and read once, and every
+    # microbatch reads the weights it computes with (its tensor and stage shards, gathered over fsdp) in the
+    # compute dtype in the forward and the backward pass (once more with full remat); activations not counted
+    params = steps.abstract_state.params
+    param_elements = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+    shard_elements = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) for leaf in jax.tree.leaves(params))
+    compute_bytes = jnp.dtype(config.execution.compute_dtype).itemsize
+    passes = 3 if config.execution.remat == "full" else 2
+    gathered = param_elements / (mesh.shape["tensor"] * mesh.shape["stage"]) * compute_bytes
+    hbm = 2 * state_bytes + 2 * 4 * shard_elements + config.train.microbatches * passes * gathered
+    return TrainPlan(config=config, topology=topology, mesh_shape=dict(mesh.shape), seq_len=seq_len, cost=cost,
+                     state_bytes=state_bytes, batch_bytes=_shard_bytes(batch),
+                     padded_bytes=_shard_bytes(steps.abstract_state, padded=True) + _shard_bytes(batch, padded=True),
+                     flops=flops, executed_flops=executed,
+                     hbm_bytes=hbm, compile_seconds=seconds, refusal=refusal,
+                     time=None if cost is None else roofline(executed, hbm, cost.collectives, topology.chip))
