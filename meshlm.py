@@ -414,7 +414,7 @@ def _plan_topology(args: argparse.Namespace) -> int:
     from model import parse_mesh
     from model.tpu import parse_topology
     from train.config import load_config
-    from train.plan import plan_train
+    from train.plan import plan_mesh_shape, plan_train
 
     overrides = []
     if args.preset:
@@ -425,7 +425,37 @@ def _plan_topology(args: argparse.Namespace) -> int:
         overrides.append(f"train.batch_size={args.batch}")
     config = load_config(args.config, [*overrides, *args.overrides])
     topology = parse_topology(args.topology, args.slices)
-    plan = plan_train(config, topology, args.seq_len or config.model.max_seq_len)
+    seq_len = args.seq_len or config.model.max_seq_len
+    if args.search:
+        import tempfile
+
+        import yaml
+
+        from train.plan import search, search_table
+
+        with tempfile.TemporaryDirectory() as scratch:
+            path = os.path.join(scratch, "run.yaml")
+            with open(path, "w") as f:
+                yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+            print(f"meshlm plan --search: layouts for {topology.name}, each compiled in a process of its own "
+                  f"(at most {args.search_timeout:g} s each)")
+            rows = search(path, args.topology, args.slices, seq_len, args.search_timeout)
+        print("\n".join(search_table(rows)))
+        return 0
+    if args.decode:
+        from infer.plan import plan_decode
+
+        plan = plan_decode(config.model, config.model_execution, plan_mesh_shape(config, topology), topology,
+                           batch=config.train.batch_size, context=args.context or config.model.max_seq_len)
+    else:
+        plan = plan_train(config, topology, seq_len)
+        if args.json:  # one row of a search: the numbers as JSON, last line of stdout
+            import json
+
+            from train.plan import summary
+
+            print(json.dumps(summary(plan)))
+            return 0
     print("\n".join(plan.report()))
     return 0
 
@@ -665,7 +695,17 @@ def _plan_parser(sub) -> None:
     p.add_argument("--slices", type=POSITIVE, default=1, help="slices of that topology over the data-center "
                    "network (dcn_data=N unless the mesh names dcn_* axes)")
     p.add_argument("--config", default=None, help="a YAML run config, as for meshlm train")
-    p.add_argument("--batch", type=POSITIVE, default=None, help="global batch in rows (train.batch_size)")
+    p.add_argument("--batch", type=POSITIVE, default=None, help="global batch in rows (train.batch_size; with "
+                   "--decode, the rows decoded together)")
+    p.add_argument("--decode", action="store_true", help="plan serving: one decode step of --batch rows over a KV "
+                   "cache of --context positions, instead of a train step")
+    p.add_argument("--context", type=POSITIVE, default=None, help="KV cache positions per row for --decode "
+                   "(default: the model's max_seq_len)")
+    p.add_argument("--search", action="store_true", help="try the layouts that divide the model on the topology "
+                   "(tensor 1/2/4/8 with fsdp over the rest, slices as data on DCN, remat as given and full) and "
+                   "print those that fit, best estimated MFU first")
+    p.add_argument("--search-timeout", type=float, default=900, help="seconds each layout's compile may take")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a search's row, from its own process
     p.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE as for meshlm train, e.g. execution.remat=full "
                    "execution.compute_dtype=bfloat16 train.microbatches=4")
 

@@ -127,3 +127,42 @@ def test_bad_plans_are_one_line_errors(args, message):
     result = _plan(*args)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_decode_plan_holds_the_weights_and_the_kv_cache_and_all_reduces_over_tensor():
+    """`--decode`: one decode step for 8 rows over 128 cache positions, tensor-parallel over 4 v5e chips: the
+    compiled arguments hold at least the analytic weight and KV-cache shards, and the attention and MLP outputs
+    are all-reduced over `tensor` in every layer."""
+    from infer.plan import plan_decode
+    from model import get_preset
+    from model.config import Execution
+
+    config = get_preset("tiny")
+    plan = plan_decode(config, Execution(compute_dtype="bfloat16"), {"tensor": 4}, parse_topology("v5e:2x2"),
+                       batch=8, context=128)
+    assert plan.cache_bytes == 2 * config.n_layers * 8 * (config.n_kv_heads // 4) * 128 * config.head_dim * 2
+    assert plan.weight_bytes + plan.cache_bytes <= plan.cost.argument_bytes
+    reduces = [x for x in plan.cost.collectives if x.kind == "all-reduce" and x.axes == ("tensor",)]
+    assert sum(x.count for x in reduces) >= 2 * config.n_layers
+    assert plan.time.limit in ("HBM", "ICI", "compute") and plan.tokens_per_s > 0
+    assert "tokens/s for the slice" in "\n".join(plan.report())
+
+
+def test_search_compiles_each_layout_apart_and_a_layout_that_cannot_work_is_a_row(tmp_path):
+    """tensor 1, 2 and 4 over 4 v5e chips (remat full already, so one policy): tiny with 2 KV heads cannot split
+    them 4 ways: that layout is a row with the error, the others fit and come first, best MFU first."""
+    import yaml
+
+    from train.config import load_config
+    from train.plan import search, search_table
+
+    config = load_config(None, ["model.preset=tiny", "model.n_kv_heads=2", "train.batch_size=8",
+                                "execution.remat=full", "execution.compute_dtype=bfloat16"])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    rows = search(str(path), "v5e:2x2", 1, 64, timeout=300, log=lambda *_: None)
+    assert [r["layout"].split()[0] for r in rows[:2]] in (["tensor=1", "tensor=2"], ["tensor=2", "tensor=1"])
+    assert rows[0]["fits"] and rows[1]["fits"] and rows[0]["mfu"] >= rows[1]["mfu"]
+    assert rows[2]["layout"].startswith("tensor=4") and not rows[2]["fits"]
+    assert "('kv_heads', size 2) does not divide by mesh axes 'tensor'" in rows[2]["error"]
+    assert len(search_table(rows)) == 4

@@ -28,12 +28,13 @@ from model.tpu import (
     collective_table,
     fits,
     padded_bytes_bound,
+    parse_topology,
     roofline,
     seconds,
     size,
 )
 from model.tpu import topology_devices as _devices
-from train.config import TrainConfig
+from train.config import TrainConfig, load_config
 from train.step import BATCH_KEYS, build_steps
 
 BATCH_DTYPES = {"weights": jnp.float32}  # the rest int32 (data.loader.batch_from_rows)
@@ -185,3 +186,78 @@ def plan_train(config: TrainConfig, topology: Topology, seq_len: int) -> TrainPl
                      flops=flops, executed_flops=executed,
                      hbm_bytes=hbm, compile_seconds=seconds, refusal=refusal,
                      time=None if cost is None else roofline(executed, hbm, cost.collectives, topology.chip))
+
+
+# ----------------------------------------------------------------------------- searching layouts
+
+
+def summary(plan: TrainPlan) -> dict:
+    """A plan's numbers as plain data (one row of a search)."""
+    c, t = plan.cost, plan.time
+    row = {"mesh": plan.mesh_shape, "remat": plan.config.execution.remat,
+           "microbatches": plan.config.train.microbatches, "fits": plan.fits,
+           "state_bytes": plan.state_bytes, "compile_seconds": plan.compile_seconds}
+    if c is None:
+        return {**row, "error": f"does not fit: {plan.refusal}"}
+    return {**row, "total_bytes": c.total_bytes, "argument_bytes": c.argument_bytes, "temp_bytes": c.temp_bytes,
+            "ici_bytes": sum(x.bytes * x.count for x in c.collectives if not x.dcn),
+            "dcn_bytes": sum(x.bytes * x.count for x in c.collectives if x.dcn),
+            "bound_s": t.bound_s, "limit": t.limit, "mfu": plan.mfu,
+            "tokens_per_s_per_chip": plan.tokens_per_s_per_chip}
+
+
+def candidates(config: TrainConfig, topology: Topology) -> list[list[str]]:
+    """The layouts `--search` tries, as overrides of the run's config: tensor 1, 2, 4, 8 (dividing a slice's
+    chips) with fsdp over the rest of the slice and the slices on DCN as data, each with the run's remat policy
+    and with full remat."""
+    per_slice = topology.chips // topology.slices
+    remats = dict.fromkeys([config.execution.remat, "full"])
+    out = []
+    for tensor in (1, 2, 4, 8):
+        if tensor > per_slice or per_slice % tensor:
+            continue
+        mesh = ["mesh.data=1", "mesh.stage=1", f"mesh.tensor={tensor}", "mesh.fsdp=-1", "mesh.dcn_fsdp=1",
+                "mesh.dcn_stage=1", f"mesh.dcn_data={topology.slices}"]
+        out += [[*mesh, f"execution.remat={remat}"] for remat in remats]
+    return out
+
+
+def search(config_path: str, topology_text: str, slices: int, seq_len: int, timeout: float,
+           log=print) -> list[dict]:
+    """Plan each candidate layout in a process of its own (`meshlm plan --json`), `timeout` seconds each: a
+    compile that fails or runs out of time is a row with its error, not the end of the search. Rows that fit
+    come first, best estimated MFU first."""
+    import json
+    import subprocess
+    import sys
+
+    config = load_config(config_path)
+    rows = []
+    for overrides in candidates(config, parse_topology(topology_text, slices)):
+        command = [sys.executable, "-m", "meshlm", "plan", "--topology", topology_text, "--slices", str(slices),
+                   "--config", config_path, "--seq-len", str(seq_len), "--json", *overrides]
+        label = " ".join(o.split(".", 1)[1] for o in overrides if not o.endswith("=1") or "tensor" in o)
+        log(f"  trying {label} ...")
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"layout": label, "fits": False, "error": f"compile did not finish within {timeout:g} s"})
+            continue
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines()
+            rows.append({"layout": label, "fits": False, "error": lines[-1] if lines else f"exit {result.returncode}"})
+            continue
+        rows.append({"layout": label, **json.loads(result.stdout.strip().splitlines()[-1])})
+    return sorted(rows, key=lambda r: (not r.get("fits"), -r.get("mfu", 0.0)))
+
+
+def search_table(rows: list[dict]) -> list[str]:
+    lines = [f"{'layout':<34}{'memory/chip':>12}{'ICI/step':>11}{'DCN/step':>11}{'bound':>11}{'MFU':>7}  verdict"]
+    for r in rows:
+        if "bound_s" in r:
+            verdict = "fits" if r["fits"] else "does not fit"
+            lines.append(f"{r['layout']:<34}{size(r['total_bytes']):>12}{size(r['ici_bytes']):>11}"
+                         f"{size(r['dcn_bytes']):>11}{seconds(r['bound_s']):>11}{r['mfu']:>7.1%}  {verdict}")
+        else:
+            lines.append(f"{r['layout']:<34}{'':>52}  {r['error'][:150]}")
+    return lines
