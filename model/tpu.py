@@ -279,11 +279,16 @@ def collectives(hlo: str, mesh: Any) -> list[Collective]:
         times = multiplier.get(name, 0.0)
         if not times:
             continue
+        # the TPU compiler writes a reduce-scatter as a fusion `all-reduce-scatter` around an all-reduce of the
+        # whole input (its result is the shard)
+        scatter = name.startswith("all-reduce-scatter")
         for line in lines:
             match = _OP.match(line)
             if not match:
                 continue
             kind, sizes = match.group(2), _array_bytes(match.group(1))
+            if scatter and kind == "all-reduce":
+                kind = "reduce-scatter"
             if not sizes:
                 continue
             size = sum(sizes) if kind == "all-reduce" and not match.group(3) else max(sizes)
