@@ -157,6 +157,9 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16
                 "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8e4m3fn|f8e5m2)\[([0-9,]*)\]")
 _OP = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.*?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+# between slices the TPU compiler compiles one slice's program and sends what crosses the data-center network to
+# the megascale runtime: `send(...)` ops tagged with the collective they are part of
+_DCN_SEND = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = \((.*?)\) send\(.*_xla_megascale_transfer_type=\"([A-Z_]+)\"")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
 _CALLED = re.compile(r"\b(body|condition|to_apply|calls|branch_computations)=\{?%?([\w.\-]+(?:, %[\w.\-]+)*)\}?")
 
@@ -236,6 +239,9 @@ def collectives(hlo: str, mesh: Any) -> list[Collective]:
     read)."""
     mesh_shape = dict(mesh.shape)
     slice_ids = np.asarray([getattr(d, "slice_index", 0) or 0 for d in mesh.devices.flat])
+    slices = len(set(slice_ids.tolist()))
+    grid = slice_ids.reshape(list(mesh_shape.values()))
+    across = tuple(name for i, name in enumerate(mesh_shape) if (np.diff(grid, axis=i) != 0).any())
     computations: dict[str, list[str]] = {}
     current = None
     for line in hlo.splitlines():
@@ -284,6 +290,16 @@ def collectives(hlo: str, mesh: Any) -> list[Collective]:
         scatter = name.startswith("all-reduce-scatter")
         for line in lines:
             match = _OP.match(line)
+            dcn_send = None if match else _DCN_SEND.match(line)
+            if dcn_send:  # a slice's part of a collective between slices
+                kind = dcn_send.group(2).lower().replace("_", "-")
+                size = _array_bytes(dcn_send.group(1))[0] if _array_bytes(dcn_send.group(1)) else 0
+                key = (kind, across, slices, size, True)
+                if key in found:
+                    found[key].count += int(times)
+                else:
+                    found[key] = Collective(kind, across or ("?",), int(times), size, slices, True)
+                continue
             if not match:
                 continue
             kind, sizes = match.group(2), _array_bytes(match.group(1))
@@ -298,7 +314,8 @@ def collectives(hlo: str, mesh: Any) -> list[Collective]:
                 found[key].count += int(times)
             else:
                 found[key] = Collective(kind, axes, int(times), size, group, dcn)
-    return sorted(found.values(), key=lambda c: (COLLECTIVES.index(c.kind), c.axes, -c.bytes))
+    order = {kind: i for i, kind in enumerate(COLLECTIVES)}
+    return sorted(found.values(), key=lambda c: (order.get(c.kind, len(order)), c.dcn, c.axes, -c.bytes))
 
 
 @dataclasses.dataclass

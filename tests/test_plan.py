@@ -165,3 +165,19 @@ def test_search_compiles_each_layout_apart_and_a_layout_that_cannot_work_is_a_ro
     assert rows[2]["layout"].startswith("tensor=4") and not rows[2]["fits"]
     assert "('kv_heads', size 2) does not divide by mesh axes 'tensor'" in rows[2]["error"]
     assert len(search_table(rows)) == 4
+
+
+def test_two_slices_put_data_on_the_data_center_network():
+    """`--slices 2` with no dcn_* axis in the mesh: dcn_data=2; the gradients' reduction over `data` crosses
+    the slices (DCN), the fsdp gathers stay inside each slice (ICI)."""
+    from train.config import load_config
+    from train.plan import plan_train
+
+    config = load_config(None, ["model.preset=tiny", "train.batch_size=16", "mesh.fsdp=-1",
+                                "execution.compute_dtype=bfloat16"])
+    plan = plan_train(config, parse_topology("v5p:2x2x1", slices=2), seq_len=64)
+    assert plan.mesh_shape == {"data": 2, "stage": 1, "fsdp": 4, "tensor": 1}
+    found = plan.cost.collectives
+    assert any(x.dcn and "data" in x.axes for x in found)
+    assert all(not x.dcn for x in found if x.kind == "all-gather")
+    assert plan.time.dcn_s > 0

@@ -131,7 +131,7 @@ class TrainPlan:
             f"  bound {seconds(t.bound_s)} ({t.limit}-bound): MFU <= {self.mfu:.1%}, "
             f"<= {self.tokens_per_s_per_chip:,.0f} tokens/s per chip",
         ]
-        if c.compiler_seconds:
+        if c.compiler_seconds and c.compiler_seconds > 0:  # (it overflows to negative on big programs)
             lines.append(f"  the compiler's own estimate: {seconds(c.compiler_seconds)} (it counts each loop body "
                          "once)")
         return lines
