@@ -133,19 +133,20 @@ def quiet_libtpu() -> None:
 
 def topology_devices(topology: Topology) -> list:
     """The jax devices of `topology` (no hardware needed): what make_mesh lays a planned mesh over."""
-    try:
-        from jax.experimental import topologies
-    except ImportError as e:  # pragma: no cover - part of jax
-        raise PlanError(f"jax.experimental.topologies is missing: {e}") from e
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise PlanError("planning for a TPU topology needs the TPU compiler, libtpu: pip install -e \".[tpu]\" "
+                        "(jax[tpu] for the installed jax)")
+    from jax.experimental import topologies
+
     shape = "x".join(map(str, topology.shape))
+    kwargs = {"num_slices": topology.slices} if topology.slices > 1 else {}
     try:
-        kwargs = {"num_slices": topology.slices} if topology.slices > 1 else {}
         description = topologies.get_topology_desc(f"{topology.chip.jax_name}:{shape}", "tpu", **kwargs)
-    except Exception as e:  # jax raises RuntimeError / JaxRuntimeError from libtpu, or a missing-plugin error
+    except Exception as e:  # libtpu's refusals come as RuntimeError / JaxRuntimeError
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        hint = " (install libtpu: pip install -e \".[tpu]\")" if "tpu" in text.lower() and "plugin" in text.lower() \
-            or "Unknown backend" in text or "not found" in text.lower() else ""
-        raise PlanError(f"cannot describe TPU topology {topology.name}: {text}{hint}") from None
+        raise PlanError(f"cannot describe TPU topology {topology.name}: {text}") from None
     return list(description.devices)
 
 

@@ -111,10 +111,12 @@ class TrainPlan:
                     f"  parameter + AdamW shards {size(self.state_bytes)} (analytic), batch {size(self.batch_bytes)}",
                     f"  does not fit: the TPU compiler stopped: {self.refusal}", "  " + self.hint()]
         ok, verdict = fits(c, chip)
+        analytic = self.state_bytes + self.batch_bytes
         lines += [
             "per-chip memory (the TPU compiler's):",
             f"  arguments {size(c.argument_bytes):>11}   (analytic: parameter + AdamW shards {size(self.state_bytes)}, "
-            f"batch {size(self.batch_bytes)})",
+            f"batch {size(self.batch_bytes)}; the compiler's {size(c.argument_bytes - analytic)} more is tile "
+            f"padding, at most {size(self.padded_bytes - analytic)})",
             f"  temporaries {size(c.temp_bytes):>9}   output {size(c.output_bytes)} ({size(c.alias_bytes)} reuses "
             f"donated inputs)   code {size(c.code_bytes)}",
             f"  total {size(c.total_bytes):>15}   {verdict}",
