@@ -228,7 +228,7 @@ def search(config_path: str, topology_text: str, slices: int, seq_len: int, time
            log=print) -> list[dict]:
     """Plan each candidate layout in a process of its own (`meshlm plan --json`), `timeout` seconds each: a
     compile that fails or runs out of time is a row with its error, not the end of the search. Rows that fit
-    come first, best estimated MFU first."""
+    come first, best estimated MFU first, then fewest collective bytes."""
     import json
     import subprocess
     import sys
@@ -250,7 +250,9 @@ def search(config_path: str, topology_text: str, slices: int, seq_len: int, time
             rows.append({"layout": label, "fits": False, "error": lines[-1] if lines else f"exit {result.returncode}"})
             continue
         rows.append({"layout": label, **json.loads(result.stdout.strip().splitlines()[-1])})
-    return sorted(rows, key=lambda r: (not r.get("fits"), -r.get("mfu", 0.0)))
+    # best bound first; among equal bounds the one that moves fewer bytes between chips, then the smaller
+    return sorted(rows, key=lambda r: (not r.get("fits"), -round(r.get("mfu", 0.0), 4), r.get("ici_bytes", 0.0)
+                                       + r.get("dcn_bytes", 0.0), r.get("total_bytes", 0)))
 
 
 def search_table(rows: list[dict]) -> list[str]:
