@@ -439,7 +439,8 @@ def _plan_topology(args: argparse.Namespace) -> int:
                 yaml.safe_dump(config.to_dict(), f, sort_keys=False)
             print(f"meshlm plan --search: layouts for {topology.name}, each compiled in a process of its own "
                   f"(at most {args.search_timeout:g} s each)")
-            rows = search(path, args.topology, args.slices, seq_len, args.search_timeout)
+            rows = search(path, args.topology, args.slices, seq_len, args.search_timeout,
+                          microbatches=tuple(args.search_microbatches or ()))
         print("\n".join(search_table(rows)))
         return 0
     if args.decode:
@@ -702,9 +703,11 @@ def _plan_parser(sub) -> None:
     p.add_argument("--context", type=POSITIVE, default=None, help="KV cache positions per row for --decode "
                    "(default: the model's max_seq_len)")
     p.add_argument("--search", action="store_true", help="try the layouts that divide the model on the topology "
-                   "(tensor 1/2/4/8 with fsdp over the rest, slices as data on DCN, remat as given and full) and "
-                   "print those that fit, best estimated MFU first")
+                   "(tensor 1/2/4/8 with fsdp over the rest, slices as data or fsdp on DCN, remat as given and full, "
+                   "--search-microbatches) and print those that fit, best estimated MFU first")
     p.add_argument("--search-timeout", type=float, default=900, help="seconds each layout's compile may take")
+    p.add_argument("--search-microbatches", type=POSITIVE, nargs="+", default=None, metavar="M",
+                   help="train.microbatches values each layout is tried with (default: the run's)")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)  # a search's row, from its own process
     p.add_argument("overrides", nargs="*", help="SECTION.KEY=VALUE as for meshlm train, e.g. execution.remat=full "
                    "execution.compute_dtype=bfloat16 train.microbatches=4")

@@ -181,3 +181,15 @@ def test_two_slices_put_data_on_the_data_center_network():
     assert any(x.dcn and "data" in x.axes for x in found)
     assert all(not x.dcn for x in found if x.kind == "all-gather")
     assert plan.time.dcn_s > 0
+
+
+def test_search_candidates_cover_tensor_sizes_dcn_axes_remat_and_microbatches():
+    from train.config import load_config
+    from train.plan import candidates
+
+    config = load_config(None, ["model.preset=tiny", "train.batch_size=16"])  # remat none
+    found = candidates(config, parse_topology("v5p-8", slices=2), microbatches=(1, 4))
+    assert len(found) == 3 * 2 * 2 * 2  # tensor 1/2/4 (4 chips a slice) x dcn data/fsdp x remat none/full x 2
+    assert ["mesh.tensor=4", "mesh.dcn_fsdp=2", "execution.remat=full", "train.microbatches=4"] == [
+        o for o in found[-1] if o.split("=")[0] in ("mesh.tensor", "mesh.dcn_fsdp", "execution.remat",
+                                                     "train.microbatches")]

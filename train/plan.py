@@ -208,24 +208,29 @@ def summary(plan: TrainPlan) -> dict:
             "tokens_per_s_per_chip": plan.tokens_per_s_per_chip}
 
 
-def candidates(config: TrainConfig, topology: Topology) -> list[list[str]]:
+def candidates(config: TrainConfig, topology: Topology, microbatches: tuple[int, ...] = ()) -> list[list[str]]:
     """The layouts `--search` tries, as overrides of the run's config: tensor 1, 2, 4, 8 (dividing a slice's
-    chips) with fsdp over the rest of the slice and the slices on DCN as data, each with the run's remat policy
-    and with full remat."""
+    chips) with fsdp over the rest of the slice; with several slices, the slices on DCN as data and as fsdp;
+    each with the run's remat policy and with full remat, and each of `microbatches` (default: the run's)."""
     per_slice = topology.chips // topology.slices
     remats = dict.fromkeys([config.execution.remat, "full"])
+    dcn = [("dcn_data", topology.slices)] + ([("dcn_fsdp", topology.slices)] if topology.slices > 1 else [])
     out = []
     for tensor in (1, 2, 4, 8):
         if tensor > per_slice or per_slice % tensor:
             continue
-        mesh = ["mesh.data=1", "mesh.stage=1", f"mesh.tensor={tensor}", "mesh.fsdp=-1", "mesh.dcn_fsdp=1",
-                "mesh.dcn_stage=1", f"mesh.dcn_data={topology.slices}"]
-        out += [[*mesh, f"execution.remat={remat}"] for remat in remats]
+        for axis, slices in dcn:
+            sizes = {"data": 1, "stage": 1, "tensor": tensor, "fsdp": -1, "dcn_data": 1, "dcn_stage": 1,
+                     "dcn_fsdp": 1, axis: slices}
+            mesh = [f"mesh.{name}={size}" for name, size in sizes.items()]
+            for remat in remats:
+                for count in microbatches or (config.train.microbatches,):
+                    out.append([*mesh, f"execution.remat={remat}", f"train.microbatches={count}"])
     return out
 
 
 def search(config_path: str, topology_text: str, slices: int, seq_len: int, timeout: float,
-           log=print) -> list[dict]:
+           log=print, microbatches: tuple[int, ...] = ()) -> list[dict]:
     """Plan each candidate layout in a process of its own (`meshlm plan --json`), `timeout` seconds each: a
     compile that fails or runs out of time is a row with its error, not the end of the search. Rows that fit
     come first, best estimated MFU first, then fewest collective bytes."""
@@ -235,10 +240,11 @@ def search(config_path: str, topology_text: str, slices: int, seq_len: int, time
 
     config = load_config(config_path)
     rows = []
-    for overrides in candidates(config, parse_topology(topology_text, slices)):
+    for overrides in candidates(config, parse_topology(topology_text, slices), microbatches):
         command = [sys.executable, "-m", "meshlm", "plan", "--topology", topology_text, "--slices", str(slices),
                    "--config", config_path, "--seq-len", str(seq_len), "--json", *overrides]
-        label = " ".join(o.split(".", 1)[1] for o in overrides if not o.endswith("=1") or "tensor" in o)
+        label = " ".join(o.split(".", 1)[1].replace("microbatches", "micro") for o in overrides
+                         if not o.endswith("=1") or "tensor" in o or "microbatches" in o)
         log(f"  trying {label} ...")
         try:
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
