@@ -8,9 +8,6 @@ and the bandwidth-bound tokens/s.
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,22 +20,17 @@ from model.placement import param_layout
 from model.sharding import DEFAULT_RULES, activation_sharding, make_mesh, named_sharding
 from model.tpu import (
     CompiledCost,
-    PlanError,
     Roofline,
     Topology,
-    analyse,
     collective_table,
+    compile_for,
     fits,
     roofline,
     seconds,
+    shard_bytes,
     size,
     topology_devices,
 )
-
-
-def _shard_bytes(tree: Any) -> int:
-    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
-               for leaf in jax.tree.leaves(tree))
 
 
 @dataclasses.dataclass
@@ -115,17 +107,9 @@ def plan_decode(config: ModelConfig, execution: Execution, mesh_shape: dict[str,
     jitted = jax.jit(step, in_shardings=(layout.shardings, row, row, cache_shardings),
                      out_shardings=(named_sharding(mesh, ("batch", "length", "vocab"), rules), cache_shardings),
                      donate_argnums=3)
-    start = time.perf_counter()
-    cost, refusal = None, None
-    try:
-        cost = analyse(jitted.lower(layout.target, tokens, tokens, cache).compile(), mesh)
-    except Exception as e:  # out of HBM is a result (does not fit); anything else is an error
-        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
-        if "RESOURCE_EXHAUSTED" not in first:
-            raise PlanError(f"the TPU compiler refused the decode step on {topology.name}: {first}") from None
-        refusal = first.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
-    seconds_taken = time.perf_counter() - start
-    weights, kv = _shard_bytes(layout.target), _shard_bytes(cache)
+    cost, refusal, seconds_taken = compile_for(jitted.lower(layout.target, tokens, tokens, cache), mesh,
+                                               "decode step", topology)
+    weights, kv = shard_bytes(layout.target), shard_bytes(cache)
     flops = 2 * matmul_param_count(config) * batch / topology.chips
     return DecodePlan(config=config, execution=execution, topology=topology, mesh_shape=dict(mesh.shape),
                       batch=batch, context=context, cost=cost, weight_bytes=weights, cache_bytes=kv,

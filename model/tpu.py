@@ -372,6 +372,35 @@ def padded_bytes_bound(shape: tuple[int, ...], itemsize: int) -> int:
     return best * itemsize
 
 
+def shard_bytes(tree: Any, padded: bool = False) -> int:
+    """Bytes of one device's shards of a tree of ShapeDtypeStructs carrying shardings (evenly divided arrays
+    have equal shards); `padded`: the most they can take once tiled on a TPU (padded_bytes_bound)."""
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = tuple(leaf.sharding.shard_shape(leaf.shape)) if leaf.sharding is not None else tuple(leaf.shape)
+        itemsize = np.dtype(leaf.dtype).itemsize
+        total += padded_bytes_bound(shape, itemsize) if padded else math.prod(shape) * itemsize
+    return total
+
+
+def compile_for(lowered: Any, mesh: Any, what: str, topology: Topology) -> tuple[CompiledCost | None, str | None,
+                                                                                  float]:
+    """Compile a lowered step for a TPU topology: (its costs, None, seconds), or (None, the compiler's message,
+    seconds) when it stops because the step does not fit in HBM. Any other refusal is a PlanError."""
+    import time
+
+    start = time.perf_counter()
+    try:
+        return analyse(lowered.compile(), mesh), None, time.perf_counter() - start
+    except Exception as e:  # out of HBM is a result (does not fit); anything else is an error
+        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
+        if "RESOURCE_EXHAUSTED" not in first:
+            raise PlanError(f"the TPU compiler refused the {what} on {topology.name}: {first}") from None
+        return None, first.split("RESOURCE_EXHAUSTED:", 1)[-1].strip(), time.perf_counter() - start
+
+
 def fits(cost: CompiledCost, chip: Chip) -> tuple[bool, str]:
     """(fits, verdict) against the chip's HBM."""
     need = cost.total_bytes

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +19,15 @@ from model.sharding import make_mesh
 from model.tpu import (
     GIB,
     CompiledCost,
-    PlanError,
     Roofline,
     Topology,
-    analyse,
     collective_table,
+    compile_for,
     fits,
-    padded_bytes_bound,
     parse_topology,
     roofline,
     seconds,
+    shard_bytes,
     size,
 )
 from model.tpu import topology_devices as _devices
@@ -38,17 +35,6 @@ from train.config import TrainConfig, load_config
 from train.step import BATCH_KEYS, build_steps
 
 BATCH_DTYPES = {"weights": jnp.float32}  # the rest int32 (data.loader.batch_from_rows)
-
-
-def _shard_bytes(tree: Any, padded: bool = False) -> int:
-    """Bytes of one device's shards of a tree of ShapeDtypeStructs carrying shardings (evenly divided arrays
-    have equal shards); `padded`: the most they can take once tiled on a TPU (model.tpu.padded_bytes_bound)."""
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        shape = tuple(leaf.sharding.shard_shape(leaf.shape)) if leaf.sharding is not None else tuple(leaf.shape)
-        itemsize = jnp.dtype(leaf.dtype).itemsize
-        total += padded_bytes_bound(shape, itemsize) if padded else math.prod(shape) * itemsize
-    return total
 
 
 @dataclasses.dataclass
@@ -156,22 +142,13 @@ def plan_train(config: TrainConfig, topology: Topology, seq_len: int) -> TrainPl
                         config.train.microbatches, execution=execution)
     batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), BATCH_DTYPES.get(key, jnp.int32),
                                        sharding=steps.batch_shardings[key]) for key in BATCH_KEYS}
-    start = time.perf_counter()
-    cost, refusal = None, None
-    try:
-        compiled = steps.train_step.lower(steps.abstract_state, batch).compile()
-        cost = analyse(compiled, mesh)
-    except Exception as e:  # out of HBM is a result (does not fit); anything else is an error
-        first = str(e).strip().splitlines()[0][:400] if str(e).strip() else type(e).__name__
-        if "RESOURCE_EXHAUSTED" not in first:
-            raise PlanError(f"the TPU compiler refused the train step on {topology.name}: {first}") from None
-        refusal = first.split("RESOURCE_EXHAUSTED:", 1)[-1].strip()
-    seconds = time.perf_counter() - start
+    cost, refusal, compile_s = compile_for(steps.train_step.lower(steps.abstract_state, batch), mesh, "train step",
+                                           topology)
     chips = topology.chips
     tokens = batch_size * seq_len
     flops = flops_per_token(config.model, seq_len) * tokens / chips
     executed = flops * (4 / 3 if config.execution.remat == "full" else 1.0)
-    state_bytes = _shard_bytes(steps.abstract_state)
+    state_bytes = shard_bytes(steps.abstract_state)
     # HBM lower bound: the state is read and written once, the gradients written and read once, and every
     # microbatch reads the weights it computes with (its tensor and stage shards, gathered over fsdp) in the
     # compute dtype in the forward and the backward pass (once more with full remat); activations not counted
@@ -183,10 +160,10 @@ def plan_train(config: TrainConfig, topology: Topology, seq_len: int) -> TrainPl
     gathered = param_elements / (mesh.shape["tensor"] * mesh.shape["stage"]) * compute_bytes
     hbm = 2 * state_bytes + 2 * 4 * shard_elements + config.train.microbatches * passes * gathered
     return TrainPlan(config=config, topology=topology, mesh_shape=dict(mesh.shape), seq_len=seq_len, cost=cost,
-                     state_bytes=state_bytes, batch_bytes=_shard_bytes(batch),
-                     padded_bytes=_shard_bytes(steps.abstract_state, padded=True) + _shard_bytes(batch, padded=True),
+                     state_bytes=state_bytes, batch_bytes=shard_bytes(batch),
+                     padded_bytes=shard_bytes(steps.abstract_state, padded=True) + shard_bytes(batch, padded=True),
                      flops=flops, executed_flops=executed,
-                     hbm_bytes=hbm, compile_seconds=seconds, refusal=refusal,
+                     hbm_bytes=hbm, compile_seconds=compile_s, refusal=refusal,
                      time=None if cost is None else roofline(executed, hbm, cost.collectives, topology.chip))
 
 
