@@ -367,8 +367,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(config)
     state = "preempted" if result.preempted else "done"
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-    print(f"{state}: step {result.step}, train loss {result.train_loss:.4f}{val}, skipped steps {result.skipped}; "
-          f"run directory {result.run_dir}")
+    if _process_index() == 0:  # in a multi-process run, process 0 reports for all
+        print(f"{state}: step {result.step}, train loss {result.train_loss:.4f}{val}, skipped steps "
+              f"{result.skipped}; run directory {result.run_dir}")
     return 0
 
 
@@ -920,6 +921,12 @@ def _one_process_only(command: str) -> None:
     if _processes() > 1:
         raise ClusterError(f"meshlm {command} runs as one process; serving across hosts is not built yet (README, "
                            f"'Run on a pod or a cluster'). Start it without --coordinator, outside a multi-task job")
+
+
+def _process_index() -> int:
+    import jax
+
+    return jax.process_index() if jax.distributed.is_initialized() else 0
 
 
 def _processes() -> int:
