@@ -1,0 +1,218 @@
+"""Quantised weights: int8 and int4 values with scales (and, for llama.cpp's Q4_1, a minimum per block), held
+as a pytree that the rules table shards like the float weight it stands for.
+
+Why not Qwix (Google's JAX quantisation library, 0.1.8, checked 2026-11): its NNX post-training quantisation
+finds weights by patching jnp/lax matmuls during one module call, which breaks on this model's per-layer weight
+lists and `w[...].astype(dtype)` reads; its QArray takes only integer zero-points, so llama.cpp's Q4_1 (a float
+minimum per block) does not fit; and it copies a weight's sharding names onto its scales unchanged, where a
+per-channel scale's size-1 dimension cannot be sharded. The formats here are a few small functions.
+
+A weight is seen as a matrix [K, N]: K the dimension a matmul contracts (meshlm's weights are [in, out]), N
+the rest, after any leading `layers` dimension. Values are quantised in groups of `group` consecutive rows
+along K, each with its own scale per column:
+
+    format   bits  group          value            dequantised
+    int8       8   K (per chan.)  q in [-127, 127]  q * scale
+    int4       4   32/64/128      n in [0, 15]      (n - 8) * scale          (symmetric; like Q4_0)
+    q8_0       8   32             q in [-128, 127]  q * scale                (llama.cpp Q8_0)
+    q4_0       4   32             n in [0, 15]      (n - 8) * scale          (llama.cpp Q4_0)
+    q4_1       4   32             n in [0, 15]      n * scale + offset       (llama.cpp Q4_1)
+
+4-bit values are packed two per byte within each group: the group's first half in the low nibbles, its
+second half in the high nibbles (llama.cpp's own order), so a GGUF block moves over byte for byte.
+
+    values  [*lead, K, N] int8, or [*lead, K // 2, N] uint8 for 4 bits
+    scale   [*lead, K // group, N] float32
+    offset  [*lead, K // group, N] float32, q4_1 only
+
+Every array keeps the float weight's logical axis names (its first contraction axis for the K dimension, its
+first output axis for N; the scales' K dimension counts groups, so a mesh axis that splits K must split whole
+groups), so `logical_axes` gives the rules table what it needs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.errors import ModelError
+
+FORMATS = {"int8": (8, None), "int4": (4, None), "q8_0": (8, 32), "q4_0": (4, 32), "q4_1": (4, 32)}
+INT4_GROUPS = (32, 64, 128)
+
+
+class QuantError(ModelError):
+    """A quantisation that cannot be made: an unknown format, a group that does not divide the contraction
+    dimension, values of the wrong shape."""
+
+
+@flax.struct.dataclass
+class QuantizedWeight:
+    values: jax.Array
+    scale: jax.Array
+    offset: jax.Array | None
+    format: str = flax.struct.field(pytree_node=False)
+    group: int = flax.struct.field(pytree_node=False)
+    shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # the float weight's shape [*lead, *K, *N]
+    lead: int = flax.struct.field(pytree_node=False)  # leading dimensions kept apart (stacked layers)
+    contract: int = flax.struct.field(pytree_node=False)  # how many dimensions after `lead` form K
+
+    @property
+    def bits(self) -> int:
+        return FORMATS[self.format][0]
+
+    @property
+    def k(self) -> int:
+        return math.prod(self.shape[self.lead:self.lead + self.contract])
+
+    @property
+    def nbytes(self) -> int:
+        parts = [self.values, self.scale] + ([self.offset] if self.offset is not None else [])
+        return sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in parts)
+
+
+def parse_format(text: str) -> tuple[str, int | None]:
+    """`int8`, `int4` (group 32), `int4:64`, `q8_0`, `q4_0`, `q4_1` -> (format, group or None)."""
+    name, _, group = text.strip().lower().partition(":")
+    if name not in FORMATS:
+        raise QuantError(f"unknown quantisation {text!r}: use int8, int4[:32|64|128], q8_0, q4_0 or q4_1")
+    if group:
+        if name != "int4" or not group.isdigit() or int(group) not in INT4_GROUPS:
+            raise QuantError(f"quantisation {text!r}: only int4 takes a group, one of {INT4_GROUPS}")
+        return name, int(group)
+    return name, 32 if name == "int4" else FORMATS[name][1]
+
+
+def _matrix(w: jax.Array, lead: int, contract: int) -> jax.Array:
+    shape = w.shape
+    k = math.prod(shape[lead:lead + contract])
+    return w.reshape(*shape[:lead], k, -1)
+
+
+def quantize(w: jax.Array, format: str, group: int | None = None, lead: int = 0, contract: int = 1,
+             name: str = "weight") -> QuantizedWeight:
+    """Quantise a float weight (`lead` leading dimensions kept apart, the next `contract` dimensions
+    contracted). int8 is per output channel; 4-bit and llama.cpp formats in groups along K. Scales are chosen
+    so that the largest magnitude of a group lands on the format's largest value."""
+    if format not in FORMATS:
+        raise QuantError(f"{name}: unknown quantisation format {format!r}; one of {', '.join(FORMATS)}")
+    bits = FORMATS[format][0]
+    m = _matrix(jnp.asarray(w, jnp.float32), lead, contract)
+    k = m.shape[-2]
+    group = k if format == "int8" else (group or FORMATS[format][1] or 32)
+    if k % group or (bits == 4 and group % 2):
+        raise QuantError(f"{name}: group {group} does not divide its contraction dimension of size {k} "
+                         f"(shape {tuple(w.shape)}); pick a group that divides {k}")
+    blocks = m.reshape(*m.shape[:-2], k // group, group, m.shape[-1])  # [*lead, groups, group, N]
+    peak = jnp.max(jnp.abs(blocks), axis=-2)  # [*lead, groups, N]
+    offset = None
+    if format == "q4_1":
+        low, high = jnp.min(blocks, axis=-2), jnp.max(blocks, axis=-2)
+        scale = (high - low) / 15
+        codes = jnp.round((blocks - low[..., None, :]) / jnp.where(scale == 0, 1, scale)[..., None, :])
+        codes, offset = jnp.clip(codes, 0, 15), low
+    else:
+        top = {"int8": 127, "q8_0": 127, "int4": 7, "q4_0": 7}[format]
+        scale = peak / top
+        codes = jnp.round(blocks / jnp.where(scale == 0, 1, scale)[..., None, :])
+        codes = jnp.clip(codes, -128, 127) if bits == 8 else jnp.clip(codes, -8, 7) + 8
+    codes = codes.reshape(m.shape)
+    values = codes.astype(jnp.int8) if bits == 8 else pack_nibbles(codes.astype(jnp.uint8), group)
+    return QuantizedWeight(values=values, scale=scale.astype(jnp.float32), offset=offset, format=format,
+                           group=group, shape=tuple(w.shape), lead=lead, contract=contract)
+
+
+def pack_nibbles(codes: jax.Array, group: int) -> jax.Array:
+    """[*lead, K, N] codes in [0, 15] -> [*lead, K // 2, N] bytes: in each group, the first half low, the
+    second half high."""
+    *lead, k, n = codes.shape
+    g = codes.reshape(*lead, k // group, 2, group // 2, n)
+    return (g[..., 0, :, :] | (g[..., 1, :, :] << 4)).reshape(*lead, k // 2, n).astype(jnp.uint8)
+
+
+def unpack_nibbles(values: jax.Array, group: int) -> jax.Array:
+    """The inverse of pack_nibbles: [*lead, K // 2, N] bytes -> [*lead, K, N] codes in [0, 15]."""
+    *lead, half, n = values.shape
+    g = values.reshape(*lead, half * 2 // group, 1, group // 2, n)
+    return jnp.concatenate([g & 15, g >> 4], axis=-3).reshape(*lead, half * 2, n)
+
+
+def dequantize(q: QuantizedWeight, dtype: Any = jnp.float32) -> jax.Array:
+    """The float weight a QuantizedWeight stands for, in its original shape."""
+    codes = (q.values.astype(jnp.float32) if q.bits == 8
+             else unpack_nibbles(q.values, q.group).astype(jnp.float32))
+    *lead, k, n = codes.shape
+    blocks = codes.reshape(*lead, k // q.group, q.group, n)
+    scale = q.scale[..., None, :]
+    if q.offset is not None:
+        w = blocks * scale + q.offset[..., None, :]
+    elif q.bits == 4:
+        w = (blocks - 8) * scale
+    else:
+        w = blocks * scale
+    return w.reshape(q.shape).astype(dtype)
+
+
+def error_bound(q: QuantizedWeight) -> jax.Array:
+    """The most any element may differ from the weight it was quantised from: half a step of its group."""
+    return jnp.max(q.scale) / 2
+
+
+def matmul(x: jax.Array, q: QuantizedWeight, dtype: Any = jnp.float32) -> jax.Array:
+    """x [..., K] @ the quantised weight [K, N] (no lead): the reference, dequantise then dot."""
+    if q.lead:
+        raise QuantError("matmul takes one layer's weight (lead 0); index the stacked layers first")
+    w = dequantize(q, dtype).reshape(q.k, -1)
+    out = jnp.dot(x.astype(dtype).reshape(*x.shape[:x.ndim - q.contract], q.k), w)
+    return out.reshape(*out.shape[:-1], *q.shape[q.contract:])
+
+
+def logical_axes(q: QuantizedWeight, axes: tuple[str | None, ...]) -> QuantizedWeight:
+    """The logical axes of each array of `q`, given the float weight's `axes`: the leading ones, then the first
+    contraction axis's name for K (and its groups), then the first output axis's name for N. A tree shaped
+    like `q` with tuples where its arrays are (for model.sharding's rules)."""
+    lead = tuple(axes[:q.lead])
+    k_name, n_name = axes[q.lead], axes[q.lead + q.contract]
+    names = (*lead, k_name, n_name)
+    # one group along K (int8 per channel): the scales' K dimension has size 1 and is not sharded
+    groups = (*lead, k_name if q.k // q.group > 1 else None, n_name)
+    return q.replace(values=names, scale=groups, offset=None if q.offset is None else groups)
+
+
+# ----------------------------------------------------------------------------- llama.cpp blocks
+
+_GGUF_BLOCK = {"q8_0": (34, 32), "q4_0": (18, 32), "q4_1": (20, 32)}  # bytes and values per block
+
+
+def from_gguf_blocks(raw: np.ndarray, format: str, shape: tuple[int, int], name: str = "tensor") -> QuantizedWeight:
+    """A GGUF tensor's raw blocks (uint8 [rows, bytes per row], as gguf.GGUFReader gives them; rows are the
+    output channels of an [out, in] weight) -> a QuantizedWeight of meshlm's [in, out] weight, moved byte for
+    byte: no float copy. `shape`: (out, in)."""
+    if format not in _GGUF_BLOCK:
+        raise QuantError(f"{name}: GGUF type {format!r} does not load as blocks; one of {', '.join(_GGUF_BLOCK)}")
+    size, per = _GGUF_BLOCK[format]
+    out, k = shape
+    raw = np.ascontiguousarray(raw, np.uint8)
+    if k % per or raw.size != out * (k // per) * size:
+        raise QuantError(f"{name}: {raw.size} bytes do not hold a {format} tensor of shape {list(shape)} "
+                         f"({k // per if per else 0} blocks of {size} bytes per row; truncated file?)")
+    blocks = raw.reshape(out, k // per, size)
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [out, groups]
+    offset = None
+    if format == "q4_1":
+        offset = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32).T
+        body = blocks[..., 4:]
+    else:
+        body = blocks[..., 2:]
+    if format == "q8_0":
+        values = body.view(np.int8).reshape(out, k).T  # [K, N]
+    else:
+        values = body.reshape(out, k // 2).T  # [K // 2, N]: per group, bytes 0..15 (low: 0..15, high: 16..31)
+    return QuantizedWeight(values=jnp.asarray(np.ascontiguousarray(values)), scale=jnp.asarray(scale.T),
+                           offset=None if offset is None else jnp.asarray(offset), format=format, group=per,
+                           shape=(k, out), lead=0, contract=1)
