@@ -146,8 +146,15 @@ def _load(args: argparse.Namespace, mesh=None):
     preset = getattr(args, "preset", None)  # random weights: the vocabulary is the tokenizer's
     vocab_size = load_tokenizer(args.tokenizer).vocab_size if preset and args.tokenizer else None
     execution = Execution(compute_dtype=getattr(args, "compute_dtype", "float32"))
-    return load_model(checkpoint=args.checkpoint, gguf=args.gguf, hf=args.hf, model=args.model, preset=preset,
-                      tokenizer=args.tokenizer, vocab_size=vocab_size, mesh=mesh, execution=execution)
+    loaded = load_model(checkpoint=args.checkpoint, gguf=args.gguf, hf=args.hf, model=args.model, preset=preset,
+                        tokenizer=args.tokenizer, vocab_size=vocab_size, mesh=mesh, execution=execution)
+    if getattr(args, "quantize", None):  # quantise at load: every layer's matmul weights and an untied LM head
+        import dataclasses
+
+        from model.quant import parse_format, quantize_params
+
+        loaded = dataclasses.replace(loaded, params=quantize_params(loaded.params, *parse_format(args.quantize)))
+    return loaded
 
 
 def _sampling(args: argparse.Namespace, tokenizer, extra_stop_ids=()):
@@ -634,6 +641,8 @@ def _model_source_args(p: argparse.ArgumentParser) -> None:
 def _execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the dtype matmuls and the KV cache run in (parameters keep theirs)")
+    p.add_argument("--quantize", default=None, metavar="FORMAT", help="quantise the layers' matmul weights at "
+                   "load: int8 (per channel), int4[:32|64|128] (groups along the contraction), q8_0, q4_0, q4_1")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:

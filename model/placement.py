@@ -20,6 +20,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from model.config import Execution, ModelConfig
+from model.quant import QuantizedWeight
+from model.quant import logical_axes as quant_axes
 from model.sharding import DEFAULT_RULES, Rules, activation_sharding, check_divisible, named_sharding, state_shardings
 from model.transformer import Transformer
 
@@ -83,7 +85,22 @@ def place_params(params: Any, config: ModelConfig, mesh: Mesh | None = None, rul
         params = nnx.to_pure_dict(params)
     if mesh is None:
         return jax.device_put(params)
-    return put_params(params, param_layout(config, mesh, rules).shardings)
+    layout = param_layout(config, mesh, rules)
+    return put_params(params, _shardings_for(params, layout, mesh, rules))
+
+
+def _shardings_for(params: Any, layout: ParamLayout, mesh: Mesh, rules: Rules) -> Any:
+    """The layout's shardings, with a quantised weight's arrays (model/quant.py) laid out by the logical axes
+    of the float weight it stands for."""
+    def walk(value: Any, sharding: Any, axes: Any) -> Any:
+        if isinstance(value, QuantizedWeight):
+            names = quant_axes(value, axes)
+            return jax.tree.map(lambda n: named_sharding(mesh, n, rules), names, is_leaf=lambda n: isinstance(n, tuple))
+        if isinstance(value, dict):
+            return {key: walk(value[key], sharding[key], axes[key]) for key in value}
+        return sharding
+
+    return walk(params, layout.shardings, layout.logical_axes)
 
 
 def put_params(params: Any, shardings: Any) -> Any:

@@ -82,8 +82,10 @@ def parse_format(text: str) -> tuple[str, int | None]:
     if name not in FORMATS:
         raise QuantError(f"unknown quantisation {text!r}: use int8, int4[:32|64|128], q8_0, q4_0 or q4_1")
     if group:
-        if name != "int4" or not group.isdigit() or int(group) not in INT4_GROUPS:
-            raise QuantError(f"quantisation {text!r}: only int4 takes a group, one of {INT4_GROUPS}")
+        if name != "int4":
+            raise QuantError(f"quantisation {text!r}: only int4 takes a group (int4:32, int4:64, int4:128)")
+        if not group.isdigit() or int(group) not in INT4_GROUPS:
+            raise QuantError(f"quantisation {text!r}: int4 groups are 32, 64 or 128")
         return name, int(group)
     return name, 32 if name == "int4" else FORMATS[name][1]
 
@@ -143,7 +145,8 @@ def unpack_nibbles(values: jax.Array, group: int) -> jax.Array:
 
 
 def dequantize(q: QuantizedWeight, dtype: Any = jnp.float32) -> jax.Array:
-    """The float weight a QuantizedWeight stands for, in its original shape."""
+    """The float weight a QuantizedWeight stands for, in its original shape (less any leading dimensions a
+    scan has already sliced off its arrays)."""
     codes = (q.values.astype(jnp.float32) if q.bits == 8
              else unpack_nibbles(q.values, q.group).astype(jnp.float32))
     *lead, k, n = codes.shape
@@ -155,7 +158,36 @@ def dequantize(q: QuantizedWeight, dtype: Any = jnp.float32) -> jax.Array:
         w = (blocks - 8) * scale
     else:
         w = blocks * scale
-    return w.reshape(q.shape).astype(dtype)
+    return w.reshape(*lead, *q.shape[q.lead:]).astype(dtype)
+
+
+def layer_of(p: Any, layer: int) -> Any:
+    """Layer `layer` of a stacked parameter: an array's row, or a QuantizedWeight's (one leading dim less)."""
+    if not isinstance(p, QuantizedWeight):
+        return p[layer]
+    return QuantizedWeight(values=p.values[layer], scale=p.scale[layer],
+                           offset=None if p.offset is None else p.offset[layer], format=p.format, group=p.group,
+                           shape=p.shape[1:], lead=p.lead - 1, contract=p.contract)
+
+
+# The matmul weights of meshlm's model (model/transformer.py) and how many of their dimensions (after `layers`)
+# a matmul contracts; embedding and norms stay in float.
+MATMUL_WEIGHTS = {("attn", "wq"): 1, ("attn", "wk"): 1, ("attn", "wv"): 1, ("attn", "wo"): 2,
+                  ("mlp", "w_gate"): 1, ("mlp", "w_up"): 1, ("mlp", "w_down"): 1}
+
+
+def quantize_params(params: dict, format: str, group: int | None = None) -> dict:
+    """A model's parameter dict with every layer's matmul weights (and an untied LM head) quantised; the
+    embedding and the norms stay as they are. Errors name the parameter and its contraction dimension."""
+    layers = params["layers"]
+    out_layers = {part: dict(values) for part, values in layers.items()}
+    for (part, name), contract in MATMUL_WEIGHTS.items():
+        out_layers[part][name] = quantize(layers[part][name], format, group, lead=1, contract=contract,
+                                          name=f"layers/{part}/{name}")
+    out = {**params, "layers": out_layers}
+    if "lm_head" in params:
+        out["lm_head"] = quantize(params["lm_head"], format, group, name="lm_head")
+    return out
 
 
 def error_bound(q: QuantizedWeight) -> jax.Array:

@@ -13,6 +13,8 @@ softmax and logits are float32.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +23,7 @@ from flax import nnx
 from model.cache import CACHE_AXES, KVCache
 from model.config import Execution, ModelConfig
 from model.pipeline import pipelined
+from model.quant import QuantizedWeight, dequantize, layer_of
 from model.sharding import constrain, mesh_axis_size
 
 F32 = jnp.float32
@@ -143,6 +146,15 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
+def _matrix(param: nnx.Param, dtype: Any) -> jax.Array:
+    """A matmul weight in the compute dtype: the float parameter cast, or a quantised one (model/quant.py)
+    dequantised where it is used."""
+    value = param.get_value()
+    if isinstance(value, QuantizedWeight):
+        return dequantize(value, dtype)
+    return value.astype(dtype)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, execution: Execution, *, rngs: nnx.Rngs):
         d, h, kv, hd = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
@@ -161,9 +173,9 @@ class Attention(nnx.Module):
         With one: this layer's keys and values are written at the rows' slots first, and the queries
         attend over the whole cache (mask [batch, length, cache_length])."""
         x = x.astype(self.dtype)
-        q = jnp.einsum("bld,dhk->blhk", x, self.wq[...].astype(self.dtype))
-        k = jnp.einsum("bld,dhk->blhk", x, self.wk[...].astype(self.dtype))
-        v = jnp.einsum("bld,dhk->blhk", x, self.wv[...].astype(self.dtype))
+        q = jnp.einsum("bld,dhk->blhk", x, _matrix(self.wq, self.dtype))
+        k = jnp.einsum("bld,dhk->blhk", x, _matrix(self.wk, self.dtype))
+        v = jnp.einsum("bld,dhk->blhk", x, _matrix(self.wv, self.dtype))
         inv_freq = rope_inverse_frequencies(self.config)  # a trace-time constant
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
@@ -173,7 +185,7 @@ class Attention(nnx.Module):
         else:
             cache = cache.write(k, v)
             out = cached_attention(q, *cache.keys_values(), mask)
-        out = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(self.dtype))
+        out = jnp.einsum("blhk,hkd->bld", out, _matrix(self.wo, self.dtype))
         return constrain(out, ("batch", "length", "act_embed")), cache
 
 
@@ -218,10 +230,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        gate = x @ self.w_gate[...].astype(self.dtype)
-        up = x @ self.w_up[...].astype(self.dtype)
+        gate = x @ _matrix(self.w_gate, self.dtype)
+        up = x @ _matrix(self.w_up, self.dtype)
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return constrain(hidden @ self.w_down[...].astype(self.dtype), ("batch", "length", "act_embed"))
+        return constrain(hidden @ _matrix(self.w_down, self.dtype), ("batch", "length", "act_embed"))
 
 
 class Block(nnx.Module):
@@ -312,9 +324,12 @@ class Transformer(nnx.Module):
         return x, view.cache
 
     def layer_params(self) -> list:
-        """Each layer's parameters as separate arrays (copies of the stacked ones)."""
+        """Each layer's parameters as separate arrays (copies of the stacked ones; a quantised weight stays
+        quantised)."""
         stacked = nnx.split(self.layers)[1]
-        return [jax.tree.map(lambda p, layer=layer: p[layer], stacked) for layer in range(self.config.n_layers)]
+        return [jax.tree.map(lambda p, layer=layer: layer_of(p, layer), stacked,
+                             is_leaf=lambda p: isinstance(p, QuantizedWeight))
+                for layer in range(self.config.n_layers)]
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         """tokens [batch, length] -> [batch, length, act_embed] in the compute dtype."""
@@ -327,8 +342,9 @@ class Transformer(nnx.Module):
         """The LM head as [embed, vocab] in the compute dtype (the transposed table when tied): a decode
         loop makes it once, outside the loop, instead of relaying the table out every step."""
         dtype = self.execution.compute_jnp_dtype
-        table = self.embedding[...].T if self.config.tie_embeddings else self.lm_head[...]
-        return table.astype(dtype)
+        if self.config.tie_embeddings:
+            return self.embedding[...].T.astype(dtype)
+        return _matrix(self.lm_head, dtype)
 
     def logits(self, x: jax.Array, head: jax.Array | None = None) -> jax.Array:
         """Final norm and LM head: [batch, length, act_embed] -> float32 logits [batch, length, vocab]."""
@@ -339,7 +355,7 @@ class Transformer(nnx.Module):
         elif self.config.tie_embeddings:
             logits = jnp.einsum("bld,vd->blv", x, self.embedding[...].astype(dtype), preferred_element_type=F32)
         else:
-            logits = jnp.einsum("bld,dv->blv", x, self.lm_head[...].astype(dtype), preferred_element_type=F32)
+            logits = jnp.einsum("bld,dv->blv", x, _matrix(self.lm_head, dtype), preferred_element_type=F32)
         return constrain(logits, ("batch", "length", "vocab"))
 
     def _layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:

@@ -43,6 +43,12 @@ def test_demo_prepares_trains_evaluates_and_samples(tmp_path):
     assert "12 tokens (length)" in plain.stderr and "draft acceptance 100%" in drafted.stderr
     bad = run("generate", *common, "--top-p", "0")
     assert bad.returncode == 2 and "top_p must be a number in (0, 1], got 0.0" in bad.stderr
+    # quantised at load (model/quant.py): int8 and int4 weights decode; a bad format is one line
+    for quantize in ("int8", "int4:32"):
+        quantised = run("generate", *common, "--quantize", quantize)
+        assert quantised.returncode == 0 and "12 tokens (length)" in quantised.stderr, quantised.stderr
+    bad = run("generate", *common, "--quantize", "int4:48")
+    assert bad.returncode == 2 and "quantisation 'int4:48': int4 groups are 32, 64 or 128" in bad.stderr
 
 
 def test_plan_lays_out_70b_without_allocating_it():
