@@ -878,12 +878,10 @@ def _start_runtime(args: argparse.Namespace, from_command_line: bool) -> None:
         set_compile_cache,
         set_xla_flags,
     )
-    from model.tpu import quiet_libtpu
 
     if from_command_line:  # the `meshlm` command itself, not a call of main() from Python
         preload_allocator()
-    quiet_libtpu()  # libtpu installed on a machine without TPUs: no probing, no warnings
-    set_xla_flags(cpu_devices=args.cpu_devices)
+    set_xla_flags(cpu_devices=args.cpu_devices)  # (and keeps libtpu quiet on a machine without TPUs)
     set_compile_cache(args.compile_cache, enabled=not args.no_compile_cache)
     _, processes = join_cluster(args.coordinator, args.num_processes, args.process_id)
     if processes > 1 and from_command_line:

@@ -13,7 +13,7 @@ along K, each with its own scale per column:
 
     format   bits  group          value            dequantised
     int8       8   K (per chan.)  q in [-127, 127]  q * scale
-    int4       4   32/64/128      n in [0, 15]      (n - 8) * scale          (symmetric; like Q4_0)
+    int4       4   32/64/128      n in [0, 15]      n * scale + offset       (a minimum per group; like Q4_1)
     q8_0       8   32             q in [-128, 127]  q * scale                (llama.cpp Q8_0)
     q4_0       4   32             n in [0, 15]      (n - 8) * scale          (llama.cpp Q4_0)
     q4_1       4   32             n in [0, 15]      n * scale + offset       (llama.cpp Q4_1)
@@ -23,7 +23,7 @@ second half in the high nibbles (llama.cpp's own order), so a GGUF block moves o
 
     values  [*lead, K, N] int8, or [*lead, K // 2, N] uint8 for 4 bits
     scale   [*lead, K // group, N] float32
-    offset  [*lead, K // group, N] float32, q4_1 only
+    offset  [*lead, K // group, N] float32, int4 and q4_1 only
 
 Every array keeps the float weight's logical axis names (its first contraction axis for the K dimension, its
 first output axis for N; the scales' K dimension counts groups, so a mesh axis that splits K must split whole
@@ -113,13 +113,13 @@ def quantize(w: jax.Array, format: str, group: int | None = None, lead: int = 0,
     blocks = m.reshape(*m.shape[:-2], k // group, group, m.shape[-1])  # [*lead, groups, group, N]
     peak = jnp.max(jnp.abs(blocks), axis=-2)  # [*lead, groups, N]
     offset = None
-    if format == "q4_1":
+    if format in ("int4", "q4_1"):  # 16 levels from the group's minimum to its maximum
         low, high = jnp.min(blocks, axis=-2), jnp.max(blocks, axis=-2)
         scale = (high - low) / 15
         codes = jnp.round((blocks - low[..., None, :]) / jnp.where(scale == 0, 1, scale)[..., None, :])
         codes, offset = jnp.clip(codes, 0, 15), low
     else:
-        top = {"int8": 127, "q8_0": 127, "int4": 7, "q4_0": 7}[format]
+        top = {"int8": 127, "q8_0": 127, "q4_0": 7}[format]
         scale = peak / top
         codes = jnp.round(blocks / jnp.where(scale == 0, 1, scale)[..., None, :])
         codes = jnp.clip(codes, -128, 127) if bits == 8 else jnp.clip(codes, -8, 7) + 8

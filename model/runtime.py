@@ -55,9 +55,13 @@ def _jaxlib_version() -> str:
 def set_xla_flags(cpu_devices: int | None = None, cpu_tuning: bool = True) -> list[str]:
     """Add to XLA_FLAGS: `cpu_devices` simulated CPU devices (replacing an earlier count) and, when
     `cpu_tuning` and the installed jaxlib is one they were checked with, CPU_FLAGS (a flag the user
-    already set is kept as set). Returns the flags added. Does nothing once JAX is imported."""
+    already set is kept as set), and on a machine without TPUs keeps an installed libtpu from probing for one
+    (model.tpu.quiet_libtpu). Returns the flags added. Does nothing once JAX is imported."""
     if "jax" in sys.modules:
         return []
+    from model.tpu import quiet_libtpu
+
+    quiet_libtpu()  # libtpu installed on a machine without TPUs: no probing, no warnings
     flags = os.environ.get("XLA_FLAGS", "").split()
     added = []
     if cpu_devices:

@@ -4,6 +4,8 @@ wherever Python is), which no model was tuned on here.
     python scripts/eval_ppl.py                          # the packaged SmolLM2-135M-Instruct (Q4_1 GGUF)
     python scripts/eval_ppl.py --gguf model.gguf --max-tokens 100000
     python scripts/eval_ppl.py --checkpoint runs/x --window 512
+    python scripts/eval_ppl.py --quantize int8 int4:32 int4:64   # each against the float weights: perplexity,
+                                                                  # mean KL(float || quantised), top-1 agreement
 
 The topics are sorted by name, each encoded on its own (no special tokens) and joined with the
 tokenizer's end-of-text id; the stream is cut into non-overlapping windows of --window tokens, and every
@@ -46,6 +48,9 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--max-tokens", type=int, default=32768, help="tokens of held-out text to score")
+    parser.add_argument("--quantize", nargs="*", default=[], metavar="FORMAT",
+                        help="also score the model with its matmul weights quantised (model/quant.py), each format "
+                             "against the float weights: KL and top-1 agreement over the same tokens")
     parser.add_argument("--out", default="eval_ppl.json")
     args = parser.parse_args()
     if not (args.gguf or args.hf or args.checkpoint or args.model):
@@ -76,25 +81,41 @@ def main() -> int:
     graphdef, params = loaded.graphdef, jax.tree.map(jnp.asarray, loaded.params)
 
     @jax.jit
-    def nll(params, tokens):
-        logits = nnx.merge(graphdef, params)(tokens[:, :-1])
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0].sum(axis=1)
+    def scores(params, reference, tokens):
+        """Per row: summed nll under `params`; summed KL(reference || params) and top-1 agreements per token."""
+        logprobs = jax.nn.log_softmax(nnx.merge(graphdef, params)(tokens[:, :-1]), axis=-1)
+        ref = jax.nn.log_softmax(nnx.merge(graphdef, reference)(tokens[:, :-1]), axis=-1)
+        nll = -jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0].sum(axis=1)
+        kl = (jnp.exp(ref) * (ref - logprobs)).sum(axis=-1).sum(axis=1)
+        agree = (jnp.argmax(ref, -1) == jnp.argmax(logprobs, -1)).sum(axis=1)
+        return nll, kl, agree
 
-    start = time.perf_counter()
-    sums = np.concatenate([np.asarray(nll(params, rows[i:i + args.batch])) for i in range(0, len(rows), args.batch)])
-    seconds = time.perf_counter() - start
+    from model.quant import parse_format, quantize_params
+
     scored = n_windows * (window - 1)
-    mean = float(sums[:n_windows].sum() / scored)
-    result = {"model": loaded.source, "text": "pydoc_data.topics (sorted, joined with end-of-text)",
-              "tokens_scored": scored, "window": window, "nll_nats_per_token": mean, "perplexity": float(np.exp(mean)),
-              "seconds": seconds, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "command": " ".join(["python", *sys.argv])}
-    print(f"{'model':<40} {'tokens':>8} {'window':>6} {'nll/token':>9} {'perplexity':>10} {'seconds':>7}")
-    print(f"{os.path.basename(loaded.source):<40} {scored:>8} {window:>6} {mean:>9.4f} {np.exp(mean):>10.3f} "
-          f"{seconds:>7.1f}")
+    variants = [("float32", params)] + [(f, quantize_params(params, *parse_format(f))) for f in args.quantize]
+    results = []
+    print(f"{'model':<34} {'weights':<8} {'tokens':>7} {'window':>6} {'nll/token':>9} {'perplexity':>10} "
+          f"{'KL to f32':>9} {'top-1 =':>7} {'seconds':>7}")
+    for name, variant in variants:
+        start = time.perf_counter()
+        parts = [jax.device_get(scores(variant, params, rows[i:i + args.batch]))
+                 for i in range(0, len(rows), args.batch)]
+        seconds = time.perf_counter() - start
+        nll, kl, agree = (np.concatenate([p[j] for p in parts])[:n_windows] for j in range(3))
+        mean = float(nll.sum() / scored)
+        result = {"model": loaded.source, "weights": name, "text": "pydoc_data.topics (sorted, joined with "
+                  "end-of-text)", "tokens_scored": scored, "window": window, "nll_nats_per_token": mean,
+                  "perplexity": float(np.exp(mean)), "kl_to_float32": float(kl.sum() / scored),
+                  "top1_agreement": float(agree.sum() / scored), "seconds": seconds,
+                  "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                  "command": " ".join(["python", *sys.argv])}
+        results.append(result)
+        print(f"{os.path.basename(loaded.source)[:34]:<34} {name:<8} {scored:>7} {window:>6} {mean:>9.4f} "
+              f"{np.exp(mean):>10.3f} {result['kl_to_float32']:>9.5f} {result['top1_agreement']:>7.2%} "
+              f"{seconds:>7.1f}")
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump(results if args.quantize else results[0], f, indent=2)
     print(f"wrote {args.out}")
     return 0
 

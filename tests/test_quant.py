@@ -52,7 +52,7 @@ def test_quantise_then_dequantise_stays_within_half_a_step(format, group):
     assert q.values.shape == ((256, 48) if bits == 8 else (128, 48))
     # the bytes a 4-bit weight takes: half a byte per value plus a float32 scale (and min) per group column
     if bits == 4:
-        per_group = 4 * (2 if format == "q4_1" else 1)
+        per_group = 4 * (2 if format in ("int4", "q4_1") else 1)  # scale, and a minimum for int4 and q4_1
         assert q.nbytes == 256 * 48 // 2 + (256 // q.group) * 48 * per_group
 
 
