@@ -78,8 +78,18 @@ def bench_meshlm(args) -> tuple[dict, object]:
         import pydoc_data.topics
 
         text_prompt = load_tokenizer(args.gguf).encode(pydoc_data.topics.topics["for"])[:args.prompt_len]
+    float_params = params
+    weight_bytes = param_count(config) * 4
+    if args.quantize:  # the layers' matmul weights quantised (model/quant.py); the draft below stays float
+        from model.quant import QuantizedWeight, parse_format, quantize_params
+
+        params = quantize_params(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params,
+                                 *parse_format(args.quantize))
+        weight_bytes = sum(leaf.nbytes if isinstance(leaf, QuantizedWeight) else leaf.size * 4
+                           for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
     decoder = Decoder(config, graphdef, params)
-    out = {"preset": args.preset, "params": param_count(config), "weight_bytes": param_count(config) * 4}
+    out = {"preset": args.preset, "params": param_count(config), "weight_bytes": weight_bytes,
+           "quantize": args.quantize}
 
     # prefill: one row of --prefill-len tokens and its first token drawn (decode loop not run)
     one = SamplingParams(max_new_tokens=1, temperature=0.0)
@@ -116,10 +126,14 @@ def bench_meshlm(args) -> tuple[dict, object]:
 
     # speculative: the target as its own draft, and a draft of --draft-layers layers (the target's first
     # layers with real weights, a random model otherwise)
+    if args.no_speculative:
+        out["speculative"] = []
+        return out, config
     draft_config = config.replace(n_layers=args.draft_layers)
     draft_graphdef, draft_params = nnx.split(init_model(draft_config, seed=1))
     if text_prompt is not None:
-        draft_params = {**params, "layers": jax.tree.map(lambda x: x[:args.draft_layers], params["layers"])}
+        draft_params = {**float_params,
+                        "layers": jax.tree.map(lambda x: x[:args.draft_layers], float_params["layers"])}
     draft = Decoder(draft_config, draft_graphdef, draft_params)
     rows = [text_prompt] if text_prompt is not None else prompts(config.vocab_size, 1, args.prompt_len)
     plain_s = best(lambda: decoder.generate_ids(rows, greedy), 2)
@@ -210,6 +224,9 @@ def main() -> int:
     parser.add_argument("--draft-layers", type=int, default=4)
     parser.add_argument("--draft-tokens", type=int, default=4)
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--quantize", default=None, metavar="FORMAT", help="meshlm's matmul weights quantised: "
+                        "int8, int4[:group], q8_0, q4_0, q4_1 (model/quant.py)")
+    parser.add_argument("--no-speculative", action="store_true")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
@@ -235,7 +252,7 @@ def main() -> int:
     print(f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}; allocator "
           f"{os.environ.get('LD_PRELOAD') or 'system'}; memory bandwidth {bw / 1e9:.1f} GB/s")
     print(f"{args.preset} ({args.weights} weights): {ours['params'] / 1e6:.1f}M parameters, "
-          f"{ours['weight_bytes'] / 1e6:.0f} MB float32 "
+          f"{ours['weight_bytes'] / 1e6:.0f} MB of weights ({args.quantize or 'float32'}) "
           f"-> batch-1 decode bound {bound:.1f} tokens/s")
     print(f"prefill {args.prefill_len} tokens: meshlm {ours['prefill_tokens_per_s']:,.0f} tokens/s" + (
         f", transformers {theirs['prefill_tokens_per_s']:,.0f} tokens/s" if isinstance(theirs, dict) else "") + (
