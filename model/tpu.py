@@ -274,9 +274,9 @@ def collectives(hlo: str, mesh: Any) -> list[Collective]:
             called = dict((kind, targets) for kind, targets in _CALLED.findall(line))
             if "body" in called:
                 visit(called["body"].lstrip("%"), times * trips(called.get("condition", "").lstrip("%")), depth + 1)
-            for kind in ("to_apply", "calls", "branch_computations"):
+            for kind in ("calls", "branch_computations"):  # (reducers, `to_apply`, hold no collectives)
                 for target in called.get(kind, "").split(","):
-                    if target.strip() and kind != "to_apply":  # reducers (to_apply) hold no collectives
+                    if target.strip():
                         visit(target.strip().lstrip("%"), times, depth + 1)
 
     if entry is not None:
@@ -293,23 +293,17 @@ def collectives(hlo: str, mesh: Any) -> list[Collective]:
             match = _OP.match(line)
             dcn_send = None if match else _DCN_SEND.match(line)
             if dcn_send:  # a slice's part of a collective between slices
-                kind = dcn_send.group(2).lower().replace("_", "-")
-                size = _array_bytes(dcn_send.group(1))[0] if _array_bytes(dcn_send.group(1)) else 0
-                key = (kind, across, slices, size, True)
-                if key in found:
-                    found[key].count += int(times)
-                else:
-                    found[key] = Collective(kind, across or ("?",), int(times), size, slices, True)
+                sizes = _array_bytes(dcn_send.group(1))
+                kind, size = dcn_send.group(2).lower().replace("_", "-"), sizes[0] if sizes else 0
+                axes, group, dcn = across or ("?",), slices, True
+            elif match and _array_bytes(match.group(1)):
+                kind, sizes = match.group(2), _array_bytes(match.group(1))
+                if scatter and kind == "all-reduce":
+                    kind = "reduce-scatter"
+                size = sum(sizes) if kind == "all-reduce" and not match.group(3) else max(sizes)
+                axes, group, dcn = _axes(_groups(line), mesh_shape, slice_ids)
+            else:
                 continue
-            if not match:
-                continue
-            kind, sizes = match.group(2), _array_bytes(match.group(1))
-            if scatter and kind == "all-reduce":
-                kind = "reduce-scatter"
-            if not sizes:
-                continue
-            size = sum(sizes) if kind == "all-reduce" and not match.group(3) else max(sizes)
-            axes, group, dcn = _axes(_groups(line), mesh_shape, slice_ids)
             key = (kind, axes, group, size, dcn)
             if key in found:
                 found[key].count += int(times)
