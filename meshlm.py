@@ -23,7 +23,6 @@ import contextlib
 import math
 import os
 import sys
-import time
 import traceback
 
 
@@ -512,73 +511,17 @@ def cmd_data_show(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    """N processes of one meshlm command on this machine, as the N hosts of a multi-process run: each gets
-    --coordinator 127.0.0.1:PORT, --num-processes N and --process-id I; each line it prints (stdout to stdout,
-    stderr to stderr) is prefixed with [I]. SIGINT and SIGTERM go to every process; when one fails, the others
-    are ended and the exit status is the failed one's."""
-    import signal
-    import socket
-    import subprocess
-    import threading
+    """N processes of one meshlm command on this machine, as the N hosts of a multi-process run
+    (model.runtime.launch: coordinator and ids filled in, output prefixed with [I], signals forwarded, one
+    failure ends all)."""
+    from model.runtime import launch
 
     command = list(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)
     if not command:
         raise _launch_error("give the command to run after --, e.g. meshlm launch --processes 2 -- train ...")
     if command[0] not in COMMANDS or COMMANDS[command[0]][0] is None or command[0] == "launch":
         raise _launch_error(f"{command[0]!r} is not a meshlm command that runs JAX")
-    port = args.port
-    if port is None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-    children = []
-    for index in range(args.processes):
-        argv = [sys.executable, "-m", "meshlm", *command, "--coordinator", f"127.0.0.1:{port}",
-                "--num-processes", str(args.processes), "--process-id", str(index)]
-        if args.child_cpu_devices is not None:
-            argv += ["--cpu-devices", str(args.child_cpu_devices)]
-        children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                         bufsize=1, start_new_session=True))
-
-    def relay(index: int, stream, out) -> None:  # a child's stdout to ours, its stderr to ours
-        for line in stream:
-            print(f"[{index}] {line}", end="", file=out, flush=True)
-
-    relays = [threading.Thread(target=relay, args=(i, stream, out), daemon=True) for i, c in enumerate(children)
-              for stream, out in ((c.stdout, sys.stdout), (c.stderr, sys.stderr))]
-    for thread in relays:
-        thread.start()
-
-    def forward(signum, frame):
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    status = 0
-    try:
-        running = set(range(len(children)))
-        while running:
-            for index in sorted(running):
-                code = children[index].poll()
-                if code is None:
-                    continue
-                running.discard(index)
-                if code != 0 and status == 0:
-                    status = code if code > 0 else 128 - code
-                    print(f"meshlm launch: process {index} exited with {code}; ending the others", file=sys.stderr)
-                    for other in running:
-                        children[other].terminate()
-            time.sleep(0.05)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-        for thread in relays:
-            thread.join(5)
-    return status
+    return launch([sys.executable, "-m", "meshlm", *command], args.processes, args.child_cpu_devices, args.port)
 
 
 def _launch_error(message: str) -> Exception:

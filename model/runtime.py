@@ -15,6 +15,7 @@ library's allocator is chosen when the process starts. Nothing here imports JAX.
   --process-id, MESHLM_* variables, or jax's own detection of SLURM, Open MPI and Cloud TPU slices), with
   gloo collectives between CPU processes and bounded waits (JOIN_TIMEOUT_SECS, HEARTBEAT_SECS; at exit,
   JOIN_TIMEOUT_SECS for the others).
+- `launch`: N local processes of one command as the hosts of one run (what `meshlm launch` runs).
 - `lost_peer_error`: after a failed collective, a roll call among the processes left names the lost ones
   (ROLL_CALL_SECS); `exit_now` ends a process without waiting for the others at jax's exit barrier.
 """
@@ -236,6 +237,72 @@ def join_cluster(coordinator: str | None = None, num_processes: int | None = Non
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise ClusterError(f"could not join the multi-process run at {where} within {timeout} s: {first}") from None
     return jax.process_index(), jax.process_count()
+
+
+def launch(command: list[str], processes: int, cpu_devices: int | None = None, port: int | None = None) -> int:
+    """Run `command` (a meshlm command line) as `processes` processes on this machine, the hosts of one
+    multi-process run: each gets --coordinator 127.0.0.1:PORT (a free port unless given), --num-processes N and
+    --process-id I (and --cpu-devices); each line it prints (stdout to stdout, stderr to stderr) is prefixed
+    with [I]. SIGINT and SIGTERM go to every process; when one fails, the others are ended. Returns the failed
+    process's exit status (128 + signal for a signal), else 0."""
+    import signal
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    children = []
+    for index in range(processes):
+        argv = [*command, "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(processes),
+                "--process-id", str(index)]
+        if cpu_devices is not None:
+            argv += ["--cpu-devices", str(cpu_devices)]
+        children.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         bufsize=1, start_new_session=True))
+
+    def relay(index: int, stream, out) -> None:  # a child's stdout to ours, its stderr to ours
+        for line in stream:
+            print(f"[{index}] {line}", end="", file=out, flush=True)
+
+    relays = [threading.Thread(target=relay, args=(i, stream, out), daemon=True) for i, c in enumerate(children)
+              for stream, out in ((c.stdout, sys.stdout), (c.stderr, sys.stderr))]
+    for thread in relays:
+        thread.start()
+
+    def forward(signum, frame):
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        running = set(range(len(children)))
+        while running:
+            for index in sorted(running):
+                code = children[index].poll()
+                if code is None:
+                    continue
+                running.discard(index)
+                if code != 0 and status == 0:
+                    status = code if code > 0 else 128 - code
+                    print(f"meshlm launch: process {index} exited with {code}; ending the others", file=sys.stderr)
+                    for other in running:
+                        children[other].terminate()
+            time.sleep(0.05)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+        for thread in relays:
+            thread.join(5)
+    return status
 
 
 def _wait_for(address: str, timeout: float) -> None:
