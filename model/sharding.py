@@ -303,6 +303,12 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, named_sharding(mesh, names, rules))
 
 
+def active_mesh() -> tuple[Mesh | None, Rules]:
+    """The mesh and rules of the enclosing `activation_sharding` block; (None, DEFAULT_RULES) outside one."""
+    active = _ACTIVE.get()
+    return (None, DEFAULT_RULES) if active is None else active
+
+
 def mesh_axis_size(axis: str) -> int:
     """The size of a mesh axis of the active mesh (`activation_sharding`); 1 without one."""
     active = _ACTIVE.get()

@@ -1,0 +1,143 @@
+"""The CPU kernel for quantised matmuls (model/qmatmul.cc through model/qkernel.py) against a numpy reference
+that reads the codes itself, the pure-JAX path, and one device."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from model import qkernel
+from model.quant import quantize
+
+pytestmark = pytest.mark.skipif(qkernel.build() is None, reason="the kernel library is not built here")
+
+
+def _numpy_weight(q) -> np.ndarray:
+    """The float weight [K, N] a QuantizedWeight stands for, decoded in numpy from its bytes (llama.cpp's
+    nibble order: in each group, the first half of the rows low, the second half high)."""
+    values, scale = np.asarray(q.values), np.asarray(q.scale, np.float64)
+    if q.bits == 8:
+        codes = values.astype(np.float64)
+    else:
+        k2, n = values.shape
+        g = values.reshape(k2 * 2 // q.group, q.group // 2, n)
+        codes = np.concatenate([g & 15, g >> 4], axis=1).reshape(k2 * 2, n).astype(np.float64)
+    k, n = codes.shape
+    blocks = codes.reshape(k // q.group, q.group, n)
+    if q.offset is not None:
+        w = blocks * scale[:, None] + np.asarray(q.offset, np.float64)[:, None]
+    elif q.format == "q4_0":
+        w = (blocks - 8) * scale[:, None]
+    else:
+        w = blocks * scale[:, None]
+    return w.reshape(k, n)
+
+
+FORMATS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("q8_0", None), ("q4_0", None),
+           ("q4_1", None)]
+
+
+@pytest.mark.parametrize("format, group", FORMATS)
+def test_the_kernel_computes_what_numpy_does(format, group):
+    """Every format, rows 1..13 (the kernel's blocks of 4 rows and their remainders), output widths with a
+    narrower last panel (592 = 512 + 80) and a contraction of 640 (several groups of each size)."""
+    rng = np.random.default_rng(0)
+    k = 640
+    for n in (16, 80, 592):
+        w = rng.standard_normal((k, n)).astype(np.float32)
+        q = quantize(w, format, group)
+        reference = _numpy_weight(q)
+        run = jax.jit(qkernel.qmatmul)
+        for m in (1, 3, 4, 8, 13):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            got = np.asarray(run(jnp.asarray(x), q))
+            want = x.astype(np.float64) @ reference
+            # float32 sums of 640 products: a few ulps of the largest partial sums
+            np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(x).sum(1, keepdims=True).max())
+
+
+def test_project_uses_the_kernel_on_cpu_and_matches_the_pure_jax_path():
+    """`project` lowers to the custom call on CPU (so the other tests exercise the kernel, not the fallback) and
+    gives the einsum of the dequantised weight; above MAX_ROWS it is that einsum."""
+    from model.quant import dequantize
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 4, 16)).astype(np.float32)  # [embed, heads, head_dim]: N is 64
+    q = quantize(w, "int4", 32)
+    x = jnp.asarray(rng.standard_normal((2, 3, 64)).astype(np.float32))
+    fn = jax.jit(lambda x, q: qkernel.project(x, q, jnp.float32, "bld,dhk->blhk"))
+    assert "meshlm_qmatmul" in fn.lower(x, q).as_text()
+    want = jnp.einsum("bld,dhk->blhk", x, dequantize(q))
+    np.testing.assert_allclose(fn(x, q), want, rtol=1e-5, atol=1e-5)
+    big = jnp.asarray(rng.standard_normal((1, qkernel.MAX_ROWS + 1, 64)).astype(np.float32))
+    assert "meshlm_qmatmul" not in fn.lower(big, q).as_text()
+
+
+@pytest.mark.parametrize("shape", [{"data": 2, "tensor": 4}, {"data": 2, "fsdp": 2, "tensor": 2}])
+@pytest.mark.parametrize("format", ["int8", "int4"])
+def test_the_kernel_on_a_mesh_computes_what_one_device_does(shape, format):
+    """Under shard_map: wq-like weights split over tensor along their output, wo/w_down-like weights along
+    their contraction (partial sums added across tensor); fsdp-split weights gathered first."""
+    from model.sharding import activation_sharding, make_mesh, named_sharding
+    from model.quant import logical_axes
+
+    mesh = make_mesh(shape)
+    rng = np.random.default_rng(2)
+    cases = [("bld,df->blf", (256, 512), ("embed", "mlp")),  # gate/up: N over tensor
+             ("blf,fd->bld", (512, 256), ("mlp", "embed")),  # down: K over tensor
+             ("blhk,hkd->bld", (8, 64, 256), ("heads", "head_dim", "embed"))]  # wo: K over tensor, 2 dims
+    for equation, wshape, axes in cases:
+        w = rng.standard_normal(wshape).astype(np.float32)
+        q = quantize(w, format, contract=2 if len(wshape) == 3 else 1)
+        xshape = (4, 3, *wshape[:len(wshape) - 1]) if len(wshape) == 3 else (4, 3, wshape[0])
+        x = jnp.asarray(rng.standard_normal(xshape).astype(np.float32))
+        one = jax.jit(lambda x, q, e=equation, a=axes: qkernel.project(x, q, jnp.float32, e, a))(x, q)
+        names = logical_axes(q, axes)
+        placed = jax.tree.map(lambda a, n: jax.device_put(a, named_sharding(mesh, n)), q, names,
+                              is_leaf=lambda v: isinstance(v, tuple))
+        xs = jax.device_put(x, named_sharding(mesh, ("batch", "length", *((None,) * (x.ndim - 2)))))
+
+        def run(x, q, e=equation, a=axes):
+            with activation_sharding(mesh):
+                return qkernel.project(x, q, jnp.float32, e, a)
+
+        fn = jax.jit(run)
+        assert "meshlm_qmatmul" in fn.lower(xs, placed).as_text()
+        np.testing.assert_allclose(fn(xs, placed), one, rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_with_the_kernel_gives_the_pure_jax_tokens(monkeypatch):
+    """A tiny quantised model decodes the same tokens, and log-probabilities to float tolerance, with the kernel
+    and with it turned off (MESHLM_QKERNEL=off: dequantise at each matmul)."""
+    from flax import nnx
+
+    from infer.decode import Decoder
+    from infer.sampling import SamplingParams
+    from model.config import PRESETS
+    from model.quant import quantize_params
+    from model.transformer import Transformer
+
+    config = PRESETS["tiny"]
+    graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+    params = quantize_params(nnx.to_pure_dict(state), "int4", 32)
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, config.vocab_size, n)) for n in (4, 11)]
+    sampling = [SamplingParams(max_new_tokens=6, temperature=0.0, logprobs=2),
+                SamplingParams(max_new_tokens=6, temperature=0.9, seed=4, logprobs=2)]
+    with_kernel = Decoder(config, graphdef, params).generate_ids(prompts, sampling)
+    monkeypatch.setenv("MESHLM_QKERNEL", "off")
+    qkernel._load.cache_clear()
+    try:
+        assert qkernel.build() is None
+        without = Decoder(config, graphdef, params).generate_ids(prompts, sampling)
+    finally:
+        monkeypatch.delenv("MESHLM_QKERNEL")
+        qkernel._load.cache_clear()
+    for a, b in zip(with_kernel, without, strict=True):
+        assert a.token_ids == b.token_ids
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def test_the_build_names_the_instruction_set():
+    assert qkernel.build() in ("avx512", "avx2", "baseline")
