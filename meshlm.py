@@ -7,7 +7,7 @@
     meshlm data show runs/data/stdlib
     meshlm generate --checkpoint runs/demo/train --prompt "def f(x):" [--stream] [--draft CHECKPOINT]
     meshlm chat --model smollm2-135m [--system "..."]
-    meshlm convert --gguf model.gguf --out runs/converted [--to checkpoint|hf]
+    meshlm convert --gguf model.gguf --out runs/converted [--to checkpoint|hf] [--quantize int8|int4|keep]
     meshlm serve --model smollm2-135m [--port 8000] [--slots 8] [--api-keys-file keys.txt]
     meshlm launch --processes 2 --cpu-devices 4 -- train ...   (N local processes of one multi-process run)
 
@@ -145,15 +145,22 @@ def _load(args: argparse.Namespace, mesh=None):
     preset = getattr(args, "preset", None)  # random weights: the vocabulary is the tokenizer's
     vocab_size = load_tokenizer(args.tokenizer).vocab_size if preset and args.tokenizer else None
     execution = Execution(compute_dtype=getattr(args, "compute_dtype", "float32"))
+    quantize = getattr(args, "quantize", None)
+    keep = quantize is not None and quantize.strip().lower() == KEEP  # a GGUF's own blocks, no float copy
     loaded = load_model(checkpoint=args.checkpoint, gguf=args.gguf, hf=args.hf, model=args.model, preset=preset,
-                        tokenizer=args.tokenizer, vocab_size=vocab_size, mesh=mesh, execution=execution)
-    if getattr(args, "quantize", None):  # quantise at load: every layer's matmul weights and an untied LM head
+                        tokenizer=args.tokenizer, vocab_size=vocab_size, mesh=mesh, execution=execution,
+                        keep_quantized=keep)
+    if quantize and not keep:  # quantise at load: every layer's matmul weights and an untied LM head
         import dataclasses
 
         from model.quant import parse_format, quantize_params
 
-        loaded = dataclasses.replace(loaded, params=quantize_params(loaded.params, *parse_format(args.quantize)))
+        # a quantised checkpoint in another format is dequantised first; in its own format it stays as it is
+        loaded = dataclasses.replace(loaded, params=quantize_params(loaded.params, *parse_format(quantize)))
     return loaded
+
+
+KEEP = "keep"  # --quantize keep: the weights' own quantisation (a GGUF's Q8_0/Q4_0/Q4_1 blocks)
 
 
 def _sampling(args: argparse.Namespace, tokenizer, extra_stop_ids=()):
@@ -254,19 +261,30 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Weights from one format to another: GGUF / Hugging Face -> meshlm checkpoint, checkpoint -> Hugging Face."""
+    """Weights from one format to another: GGUF / Hugging Face -> meshlm checkpoint (quantised with --quantize),
+    checkpoint -> Hugging Face."""
     from model.load import convert_to_checkpoint
+    from model.quant import dequantize_params, describe_quantization
 
+    if args.to == "hf" and args.quantize:
+        from model.errors import ModelError
+
+        raise ModelError("--quantize writes a quantised meshlm checkpoint; a Hugging Face directory holds float "
+                         "weights: drop --quantize, or use --to checkpoint")
     loaded = _load(args)
+    weights = describe_quantization(loaded.params)
     if args.to == "checkpoint":
         where = convert_to_checkpoint(loaded, args.out)
     else:
         from model.hf import save_hf
 
-        save_hf(args.out, loaded.config, loaded.params)
+        if weights != "float":  # a quantised checkpoint: exported as the float32 values it computes with
+            weights = f"float32, dequantised from {weights}"
+        save_hf(args.out, loaded.config, dequantize_params(loaded.params))
         where = args.out
     print(f"meshlm convert: {loaded.source} -> {where} ({args.to}; {loaded.config.n_layers} layers, "
-          f"d_model {loaded.config.d_model}, vocab {loaded.config.vocab_size})", file=sys.stderr)
+          f"d_model {loaded.config.d_model}, vocab {loaded.config.vocab_size}; matmul weights {weights})",
+          file=sys.stderr)
     return 0
 
 
@@ -584,8 +602,13 @@ def _model_source_args(p: argparse.ArgumentParser) -> None:
 def _execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the dtype matmuls and the KV cache run in (parameters keep theirs)")
-    p.add_argument("--quantize", default=None, metavar="FORMAT", help="quantise the layers' matmul weights at "
-                   "load: int8 (per channel), int4[:32|64|128] (groups along the contraction), q8_0, q4_0, q4_1")
+    _quantize_arg(p, "quantise the layers' matmul weights at load: ")
+
+
+def _quantize_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--quantize", default=None, metavar="FORMAT", help=what + "int8 (per channel), "
+                   "int4[:32|64|128] (groups along the contraction), q8_0, q4_0, q4_1; or keep: a GGUF's Q8_0/Q4_0/"
+                   "Q4_1 blocks as they are, with no float copy (a quantised checkpoint always loads as it is)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -724,6 +747,7 @@ def _convert_parser(sub) -> None:
     p = sub.add_parser("convert", help="GGUF / Hugging Face -> meshlm checkpoint, or a checkpoint -> "
                        "Hugging Face directory")
     _model_source_args(p)
+    _quantize_arg(p, "quantise the layers' matmul weights (and an untied LM head) into the checkpoint: ")
     p.add_argument("--to", choices=["checkpoint", "hf"], default="checkpoint")
     p.add_argument("--out", required=True, help="the directory to write")
     _runtime_args(p, cpu_devices=1)

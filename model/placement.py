@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from model.config import Execution, ModelConfig
-from model.quant import QuantizedWeight
+from model.quant import ARRAYS, QuantError, QuantizedWeight, abstract_weight
 from model.quant import logical_axes as quant_axes
 from model.sharding import DEFAULT_RULES, Rules, activation_sharding, check_divisible, named_sharding, state_shardings
 from model.transformer import Transformer
@@ -64,17 +64,45 @@ class ParamLayout:
 
 
 def param_layout(config: ModelConfig, mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                 execution: Execution | None = None) -> ParamLayout:
+                 execution: Execution | None = None, quantization: dict[str, dict] | None = None) -> ParamLayout:
     """Every parameter's shape, logical axes and sharding on `mesh`, from the abstract model (no memory);
-    checks that every sharded dimension divides by its mesh axes. The graphdef runs with `execution`."""
+    checks that every sharded dimension divides by its mesh axes. The graphdef runs with `execution`.
+
+    quantization: {path: static fields} of quantised weights (model.quant.as_arrays; a checkpoint's layout):
+    each such weight is laid out as the dict of its arrays {values, scale[, offset]} a checkpoint holds, sharded
+    by the float weight's logical axes. A record that does not fit the model is a QuantError naming it."""
     graphdef, variables = nnx.split(abstract_model(config, execution=execution))
     shardings = nnx.to_pure_dict(state_shardings(variables, mesh, rules))
     abstract = nnx.to_pure_dict(variables)
     logical_axes = nnx.to_pure_dict(jax.tree.map(lambda v: v.get_metadata()["logical_axes"], variables,
                                                  is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    for path, fields in (quantization or {}).items():
+        _quantized_entry(path, fields, (abstract, logical_axes, shardings), mesh, rules)
     target = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                           abstract, shardings)
     return ParamLayout(graphdef, abstract, logical_axes, shardings, target)
+
+
+def _quantized_entry(path: str, fields: dict, trees: tuple[dict, dict, dict], mesh: Mesh, rules: Rules) -> None:
+    """Replace the float weight at `path` in (abstract, logical axes, shardings) by the dicts of its quantised
+    arrays."""
+    *parents, leaf = path.split("/")
+    nodes = []
+    for tree in trees:
+        for key in parents:
+            tree = tree.get(key) if isinstance(tree, dict) else None
+        if not isinstance(tree, dict) or leaf not in tree:
+            raise QuantError(f"{path} is recorded as quantised, but the model has no such parameter")
+        nodes.append(tree)
+    abstract, axes, shardings = nodes
+    q = abstract_weight(abstract[leaf].shape, fields, path)
+    names = quant_axes(q, axes[leaf])
+    arrays = {name: getattr(q, name) for name in ARRAYS if getattr(q, name) is not None}
+    for name, value in arrays.items():
+        check_divisible(f"parameter '{path}/{name}'", value.shape, getattr(names, name), mesh, rules)
+    abstract[leaf] = arrays
+    axes[leaf] = {name: getattr(names, name) for name in arrays}
+    shardings[leaf] = {name: named_sharding(mesh, getattr(names, name), rules) for name in arrays}
 
 
 def place_params(params: Any, config: ModelConfig, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> dict:

@@ -182,12 +182,132 @@ def quantize_params(params: dict, format: str, group: int | None = None) -> dict
     layers = params["layers"]
     out_layers = {part: dict(values) for part, values in layers.items()}
     for (part, name), contract in MATMUL_WEIGHTS.items():
-        out_layers[part][name] = quantize(layers[part][name], format, group, lead=1, contract=contract,
-                                          name=f"layers/{part}/{name}")
+        out_layers[part][name] = _requantize(layers[part][name], format, group, lead=1, contract=contract,
+                                             name=f"layers/{part}/{name}")
     out = {**params, "layers": out_layers}
     if "lm_head" in params:
-        out["lm_head"] = quantize(params["lm_head"], format, group, name="lm_head")
+        out["lm_head"] = _requantize(params["lm_head"], format, group, lead=0, contract=1, name="lm_head")
     return out
+
+
+def _requantize(w: Any, format: str, group: int | None, lead: int, contract: int, name: str) -> QuantizedWeight:
+    """quantize(), for a weight that may be quantised already (a quantised checkpoint): in the same format and
+    group it stays as it is, bit for bit; in another it is dequantised to float32 first, then quantised."""
+    if isinstance(w, QuantizedWeight):
+        if w.format == format and (format == "int8" or w.group == (group or FORMATS[format][1] or 32)):
+            return w
+        w = dequantize(w)
+    return quantize(w, format, group, lead=lead, contract=contract, name=name)
+
+
+def dequantize_params(params: Any) -> Any:
+    """A parameter dict with every QuantizedWeight replaced by its float32 values (what the model computes
+    with)."""
+    return jax.tree.map(lambda p: dequantize(p) if isinstance(p, QuantizedWeight) else p, params,
+                        is_leaf=lambda p: isinstance(p, QuantizedWeight))
+
+
+def describe_quantization(params: Any) -> str:
+    """'q4_1: 210 weights' / 'int4:32: 211 weights' / 'float': the formats of a parameter dict."""
+    counts: dict[str, int] = {}
+    for leaf in jax.tree.leaves(params, is_leaf=lambda p: isinstance(p, QuantizedWeight)):
+        if isinstance(leaf, QuantizedWeight):
+            label = f"int4:{leaf.group}" if leaf.format == "int4" else leaf.format
+            counts[label] = counts.get(label, 0) + math.prod(leaf.shape[:leaf.lead])
+    return ", ".join(f"{label}: {n} weights" for label, n in sorted(counts.items())) or "float"
+
+
+# ----------------------------------------------------------------------------- in checkpoints
+#
+# A checkpoint holds plain arrays: each QuantizedWeight is saved as a dict of its arrays {values, scale[, offset]}
+# under the weight's own path ("layers/attn/wq/values", ...), and its static fields (format, group, the float
+# weight's shape, lead, contract) go into the layout metadata, from which the restore target is rebuilt.
+
+ARRAYS = ("values", "scale", "offset")
+
+
+def _path(path: tuple[Any, ...]) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def static_fields(q: QuantizedWeight) -> dict:
+    """A QuantizedWeight's static fields as JSON: what a checkpoint's layout records for it."""
+    return {"format": q.format, "group": q.group, "shape": list(q.shape), "lead": q.lead, "contract": q.contract}
+
+
+def as_arrays(params: Any) -> tuple[Any, dict[str, dict]]:
+    """(the parameter dict with each QuantizedWeight replaced by a dict of its arrays, {path: static_fields}
+    of those weights; empty for float parameters)."""
+    fields: dict[str, dict] = {}
+
+    def arrays(path: tuple[Any, ...], p: Any) -> Any:
+        if not isinstance(p, QuantizedWeight):
+            return p
+        fields[_path(path)] = static_fields(p)
+        return {name: getattr(p, name) for name in ARRAYS if getattr(p, name) is not None}
+
+    tree = jax.tree_util.tree_map_with_path(arrays, params, is_leaf=lambda p: isinstance(p, QuantizedWeight))
+    return tree, fields
+
+
+def from_arrays(params: Any, quantization: dict[str, dict] | None) -> Any:
+    """The inverse of as_arrays: the dicts of arrays at the paths `quantization` names become QuantizedWeights
+    with those static fields."""
+    if not quantization:
+        return params
+
+    def walk(node: Any, prefix: str) -> Any:
+        if not isinstance(node, dict):
+            return node
+        if prefix in quantization:
+            meta = quantization[prefix]
+            return QuantizedWeight(values=node["values"], scale=node["scale"], offset=node.get("offset"),
+                                   format=meta["format"], group=meta["group"], shape=tuple(meta["shape"]),
+                                   lead=meta["lead"], contract=meta["contract"])
+        return {key: walk(value, f"{prefix}/{key}" if prefix else key) for key, value in node.items()}
+
+    return walk(params, "")
+
+
+def matmul_dims(path: str) -> tuple[int, int] | None:
+    """(lead, contract) of the matmul weight at a parameter path ("layers/attn/wq", "lm_head"); None for a
+    parameter that stays float (embedding, norms)."""
+    if path == "lm_head":
+        return 0, 1
+    parts = tuple(path.split("/"))
+    if parts[:1] == ("layers",) and parts[1:] in MATMUL_WEIGHTS:
+        return 1, MATMUL_WEIGHTS[parts[1:]]
+    return None
+
+
+def abstract_weight(float_shape: tuple[int, ...], fields: Any, name: str) -> QuantizedWeight:
+    """The QuantizedWeight (ShapeDtypeStruct arrays) that a checkpoint's static `fields` describe for the
+    matmul weight `name` of float shape `float_shape`; a QuantError naming the weight when the fields do not
+    fit it (another model, an unknown format, a group that does not divide the contraction)."""
+    dims = matmul_dims(name)
+    if dims is None:
+        raise QuantError(f"{name} is recorded as quantised, but only the layers' matmul weights and an untied "
+                         "lm_head are")
+    keys = {"format", "group", "shape", "lead", "contract"}
+    if not isinstance(fields, dict) or set(fields) != keys:
+        raise QuantError(f"{name}: the quantisation record {fields!r} is not one of {{{', '.join(sorted(keys))}}}")
+    format, group, shape = fields["format"], fields["group"], tuple(fields["shape"])
+    if format not in FORMATS:
+        raise QuantError(f"{name}: unknown quantisation format {format!r}; one of {', '.join(FORMATS)}")
+    if shape != tuple(float_shape) or (fields["lead"], fields["contract"]) != dims:
+        raise QuantError(f"{name}: quantised as a weight of shape {list(shape)} (lead {fields['lead']}, contract "
+                         f"{fields['contract']}); the model's is {list(float_shape)} (lead {dims[0]}, contract "
+                         f"{dims[1]})")
+    lead_shape, k = shape[:dims[0]], math.prod(shape[dims[0]:dims[0] + dims[1]])
+    n = math.prod(shape[dims[0] + dims[1]:])
+    allowed = {"int8": (k,), "int4": INT4_GROUPS}.get(format, (FORMATS[format][1],))
+    if not isinstance(group, int) or group not in allowed or k % group:
+        raise QuantError(f"{name}: {format} with group {group!r} does not fit its contraction dimension of size {k}")
+    bits = FORMATS[format][0]
+    values = jax.ShapeDtypeStruct((*lead_shape, k if bits == 8 else k // 2, n), jnp.int8 if bits == 8 else jnp.uint8)
+    scale = jax.ShapeDtypeStruct((*lead_shape, k // group, n), jnp.float32)
+    return QuantizedWeight(values=values, scale=scale, offset=scale if format in ("int4", "q4_1") else None,
+                           format=format, group=group, shape=shape, lead=dims[0], contract=dims[1])
 
 
 def error_bound(q: QuantizedWeight) -> jax.Array:
@@ -221,10 +341,11 @@ def logical_axes(q: QuantizedWeight, axes: tuple[str | None, ...]) -> QuantizedW
 _GGUF_BLOCK = {"q8_0": (34, 32), "q4_0": (18, 32), "q4_1": (20, 32)}  # bytes and values per block
 
 
-def from_gguf_blocks(raw: np.ndarray, format: str, shape: tuple[int, int], name: str = "tensor") -> QuantizedWeight:
+def gguf_block_arrays(raw: np.ndarray, format: str, shape: tuple[int, int],
+                      name: str = "tensor") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A GGUF tensor's raw blocks (uint8 [rows, bytes per row], as gguf.GGUFReader gives them; rows are the
-    output channels of an [out, in] weight) -> a QuantizedWeight of meshlm's [in, out] weight, moved byte for
-    byte: no float copy. `shape`: (out, in)."""
+    output channels of an [out, in] weight) -> numpy (values, scale, offset or None) of meshlm's [in, out]
+    weight, laid out as a QuantizedWeight holds them: the bytes move over, no float copy. `shape`: (out, in)."""
     if format not in _GGUF_BLOCK:
         raise QuantError(f"{name}: GGUF type {format!r} does not load as blocks; one of {', '.join(_GGUF_BLOCK)}")
     size, per = _GGUF_BLOCK[format]
@@ -234,7 +355,7 @@ def from_gguf_blocks(raw: np.ndarray, format: str, shape: tuple[int, int], name:
         raise QuantError(f"{name}: {raw.size} bytes do not hold a {format} tensor of shape {list(shape)} "
                          f"({k // per if per else 0} blocks of {size} bytes per row; truncated file?)")
     blocks = raw.reshape(out, k // per, size)
-    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [out, groups]
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32).T  # [groups, N]
     offset = None
     if format == "q4_1":
         offset = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32).T
@@ -245,6 +366,14 @@ def from_gguf_blocks(raw: np.ndarray, format: str, shape: tuple[int, int], name:
         values = body.view(np.int8).reshape(out, k).T  # [K, N]
     else:
         values = body.reshape(out, k // 2).T  # [K // 2, N]: per group, bytes 0..15 (low: 0..15, high: 16..31)
-    return QuantizedWeight(values=jnp.asarray(np.ascontiguousarray(values)), scale=jnp.asarray(scale.T),
-                           offset=None if offset is None else jnp.asarray(offset), format=format, group=per,
-                           shape=(k, out), lead=0, contract=1)
+    return (np.ascontiguousarray(values), np.ascontiguousarray(scale),
+            None if offset is None else np.ascontiguousarray(offset))
+
+
+def from_gguf_blocks(raw: np.ndarray, format: str, shape: tuple[int, int], name: str = "tensor") -> QuantizedWeight:
+    """A GGUF tensor's raw blocks -> a QuantizedWeight of meshlm's [in, out] weight, moved byte for byte
+    (`gguf_block_arrays`): no float copy. `shape`: (out, in)."""
+    values, scale, offset = gguf_block_arrays(raw, format, shape, name)
+    return QuantizedWeight(values=jnp.asarray(values), scale=jnp.asarray(scale),
+                           offset=None if offset is None else jnp.asarray(offset), format=format,
+                           group=_GGUF_BLOCK[format][1], shape=(shape[1], shape[0]), lead=0, contract=1)
