@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -252,20 +253,35 @@ def _flip(path):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_a_corrupt_quantised_checkpoint_is_one_line_naming_it_and_the_arrays(tiny, tmp_path):
-    """Flipped bytes inside the largest array data file (a quantised weight's values): the checksums name the
-    array that reads back wrong."""
-    out = tmp_path / "int8"
-    convert_to_checkpoint(_quantised(tiny, "int8"), str(out))
-    data = [os.path.join(root, name) for root, _, names in os.walk(out / "checkpoints" / "0" / "params")
+def test_a_corrupt_quantised_checkpoint_is_one_line_naming_it_and_the_array(tiny, tmp_path):
+    """A quantised array whose bytes changed after they were written: one code of w_up flipped (the checkpoint
+    written with it, under the checksums of the one written without it), then bytes flipped inside the largest
+    array data file (whichever arrays Orbax put there). The checksums name what reads back wrong."""
+    q = _quantised(tiny, "int8")
+    convert_to_checkpoint(q, str(tmp_path / "good"))
+    w_up = q.params["layers"]["mlp"]["w_up"]
+    codes = np.asarray(w_up.values).copy()
+    codes[1, 5, 7] ^= 1
+    mlp = {**q.params["layers"]["mlp"], "w_up": w_up.replace(values=codes)}
+    out = tmp_path / "bad"
+    convert_to_checkpoint(dataclasses.replace(q, params={**q.params, "layers": {**q.params["layers"], "mlp": mlp}}),
+                          str(out))
+    shutil.copy(tmp_path / "good" / "checkpoints" / "0" / "checksums" / "metadata",
+                out / "checkpoints" / "0" / "checksums" / "metadata")
+    with pytest.raises(CheckpointError) as error:
+        load_model(checkpoint=str(out))
+    assert _one_line(error) == (f"no checkpoint step in {out / 'checkpoints'} can be read: step 0: UnreadableStep: "
+                                "params: layers/mlp/w_up/values read back different from what was written (checksum)")
+
+    good = tmp_path / "good"
+    data = [os.path.join(root, name) for root, _, names in os.walk(good / "checkpoints" / "0" / "params")
             for name in names if os.path.basename(root) == "d"]
     _flip(max(data, key=os.path.getsize))
     with pytest.raises(CheckpointError) as error:
-        load_model(checkpoint=str(out))
-    text = _one_line(error)
-    assert str(out / "checkpoints") in text
-    assert re.search(r"params: (layers/\S+|lm_head)/(values|scale) read back different from what was written "
-                     r"\(checksum\)", text), text
+        load_model(checkpoint=str(good))
+    assert re.search(rf"^no checkpoint step in {re.escape(str(good / 'checkpoints'))} can be read: step 0: "
+                     r"UnreadableStep: params: \S+ read back different from what was written \(checksum\)$",
+                     _one_line(error))
 
 
 @pytest.mark.parametrize("change, message", [
