@@ -188,14 +188,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded = _load(args, mesh)
     config, tokenizer = loaded.config, model_tokenizer(loaded)
     allowed = tokenizer.valid_ids(config.vocab_size)
-    decoder = Decoder(config, loaded.graphdef, loaded.params, mesh=mesh, allowed=allowed)
+    decoder = Decoder(config, loaded.graphdef, loaded.params, mesh=mesh, allowed=allowed, kv_cache=args.kv_cache)
     sampling = _sampling(args, tokenizer)
     if args.draft:
         from infer.speculative import SpeculativeDecoder
         from model.config import Execution
 
         drafted = load_model(checkpoint=args.draft, mesh=mesh, execution=Execution(compute_dtype=args.compute_dtype))
-        draft = Decoder(drafted.config, drafted.graphdef, drafted.params, mesh=mesh, allowed=allowed)
+        draft = Decoder(drafted.config, drafted.graphdef, drafted.params, mesh=mesh, allowed=allowed,
+                        kv_cache=args.kv_cache)
         decoder = SpeculativeDecoder(decoder, draft, k=args.draft_tokens)
     say(f"meshlm generate: {config.n_layers} layers, d_model {config.d_model}, vocab {config.vocab_size} "
           f"from {loaded.source}" + (f"; draft {args.draft}, {args.draft_tokens} tokens per round"
@@ -237,7 +238,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                              "file or a checkpoint converted from one")
     tokenizer = model_tokenizer(loaded)
     decoder = Decoder(loaded.config, loaded.graphdef, loaded.params,
-                      allowed=tokenizer.valid_ids(loaded.config.vocab_size))
+                      allowed=tokenizer.valid_ids(loaded.config.vocab_size), kv_cache=args.kv_cache)
     end_of_turn = [i for i in (tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|eot_id|>")) if i is not None]
     sampling = _sampling(args, tokenizer, end_of_turn)
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -310,10 +311,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serving = build_serving(loaded, metrics, model_name=name, slots=args.slots, max_length=args.max_length,
                                 mesh=mesh, batching=args.batching, max_queue=args.max_queue,
                                 prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), stuck_after=args.stuck_after,
-                                chat_template=template)
+                                chat_template=template, kv_cache=args.kv_cache)
         engine = serving.scheduler.engine
         print(f"meshlm serve: ready: {loaded.source}, {engine.slots} slots of {engine.max_length} tokens, "
-              f"{args.batching} batching", file=sys.stderr, flush=True)
+              f"{args.batching} batching; {engine.cache_summary()}", file=sys.stderr, flush=True)
         return serving
 
     options = ServerOptions(api_keys=keys, requests_per_minute=args.rpm, tokens_per_minute=args.tpm,
@@ -603,6 +604,8 @@ def _execution_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="the dtype matmuls and the KV cache run in (parameters keep theirs)")
     _quantize_arg(p, "quantise the layers' matmul weights at load: ")
+    p.add_argument("--kv-cache", default="auto", choices=["auto", "int8"], help="how the KV cache holds keys and "
+                   "values: auto (the compute dtype) or int8 (a float32 scale per row, kv head and position)")
 
 
 def _quantize_arg(p: argparse.ArgumentParser, what: str) -> None:

@@ -94,11 +94,13 @@ class Decoder(OnMesh):
     already). prefill_chunk: prompt tokens run through the model at once. allowed: bool [vocab] of the token ids
     that may be drawn (e.g. `Tokenizer.valid_ids`: ids the tokenizer cannot decode are never drawn); None:
     all. The cache of each call is bucketed to what its rows need, at most max_seq_len (+ a draft's room).
+    kv_cache: "auto" (the compute dtype) or "int8" (a scale per row, kv head and position; model/cache.py).
     """
 
     def __init__(self, config: ModelConfig, graphdef: Any, params: Any, mesh: Mesh | None = None,
-                 rules: Rules = DEFAULT_RULES, prefill_chunk: int = 512, allowed: np.ndarray | None = None):
-        super().__init__(config, graphdef, params, mesh, rules, allowed)
+                 rules: Rules = DEFAULT_RULES, prefill_chunk: int = 512, allowed: np.ndarray | None = None,
+                 kv_cache: str = "auto"):
+        super().__init__(config, graphdef, params, mesh, rules, allowed, kv_cache)
         self.prefill_chunk = prefill_chunk
         self.traces = {"prefill": 0, "decode": 0}  # how often each function was traced (compiled)
         self._start = jax.jit(self._start_fn, static_argnames=("chunk", "n_top"), donate_argnames=("cache",))

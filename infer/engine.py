@@ -71,19 +71,19 @@ class Engine(OnMesh):
 
     slots: sequences decoded together (rounded up to a multiple of the mesh's batch shards);
     max_length: cache slots per sequence = the longest prompt + completion (default and at most the
-    model's max_seq_len).
+    model's max_seq_len); kv_cache: "auto" (the compute dtype) or "int8" (model/cache.py).
     """
 
     def __init__(self, config: ModelConfig, graphdef: Any, params: Any, slots: int = 8, max_length: int | None = None,
                  mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, prefill_chunk: int = 512,
-                 allowed: np.ndarray | None = None):
+                 allowed: np.ndarray | None = None, kv_cache: str = "auto"):
         if not isinstance(slots, int) or isinstance(slots, bool) or slots < 1:
             raise InferenceError(f"slots must be a positive integer, got {slots!r}")
         max_length = config.max_seq_len if max_length is None else max_length
         if not isinstance(max_length, int) or not 2 <= max_length <= config.max_seq_len:
             raise InferenceError(f"max_length must be an integer in [2, {config.max_seq_len}] (the model's "
                                  f"max_seq_len), got {max_length!r}")
-        super().__init__(config, graphdef, params, mesh, rules, allowed)
+        super().__init__(config, graphdef, params, mesh, rules, allowed, kv_cache)
         self.shards = self.batch_shards
         self.slots = -(-slots // self.shards) * self.shards
         self.max_length, self.prefill_chunk = max_length, prefill_chunk
@@ -208,6 +208,17 @@ class Engine(OnMesh):
         """Device memory of one sequence's cache of `length` positions (all its rows)."""
         return cache_bytes(self.config, self.shards, length, self.cache_dtype)
 
+    def cache_summary(self) -> str:
+        """The KV cache in a line: its format, bytes per slot, and, when int8, how many times the slots of a
+        compute-dtype cache fit in the same memory."""
+        per_slot = cache_bytes(self.config, 1, self.max_length, self.cache_dtype)
+        line = f"KV cache {jnp.dtype(self.cache_dtype).name}, {per_slot / 2**20:.1f} MiB per slot"
+        plain = self.execution.compute_jnp_dtype
+        if jnp.dtype(plain) != jnp.dtype(self.cache_dtype):
+            line += (f" ({cache_bytes(self.config, 1, self.max_length, plain) / per_slot:.2f}x the slots of "
+                     f"{jnp.dtype(plain).name} in the same memory)")
+        return line
+
     # ------------------------------------------------------------------ compiled pieces
 
     def _placeholder(self, x: jax.Array) -> jax.Array:
@@ -230,9 +241,9 @@ class Engine(OnMesh):
         self.traces["insert"] += 1
         with self.context():
             def put(big: jax.Array, small: jax.Array) -> jax.Array:  # row 0 of small into row `slot` of big
-                return jax.lax.dynamic_update_slice(big, small[:1].astype(big.dtype), (slot, 0, 0, 0))
+                return jax.lax.dynamic_update_slice(big, small[:1].astype(big.dtype), (slot,) + (0,) * (big.ndim - 1))
 
-            cache = KVCache(tuple(map(put, state.cache.k, cache.k)), tuple(map(put, state.cache.v, cache.v)))
+            cache = jax.tree.map(put, state.cache, cache)  # every array of the cache: values, and int8 scales
             return SlotState(cache=cache, tokens=state.tokens.at[slot].set(token),
                              lengths=state.lengths.at[slot].set(length), generated=state.generated.at[slot].set(1),
                              rows=jax.tree.map(lambda a, b: a.at[slot].set(b[0]), state.rows, rows))
@@ -248,18 +259,18 @@ class Engine(OnMesh):
             return state, drawn.tokens, drawn.logprobs
 
     def _extract_fn(self, cache: KVCache, slot, length: int) -> KVCache:
-        def row(x: jax.Array) -> jax.Array:  # [slots, kv_heads, max_length, head_dim] -> [shards, ..., length, ...]
+        def row(x: jax.Array) -> jax.Array:  # [slots, kv_heads, max_length(, head_dim)] -> [shards, ..., length, ...]
             one = jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=0)[:, :, :length]
             return jnp.broadcast_to(one, (self.shards, *one.shape[1:]))
 
         with self.context():
-            return KVCache(tuple(map(row, cache.k)), tuple(map(row, cache.v)))
+            return jax.tree.map(row, cache)
 
     def _resize_fn(self, cache: KVCache, length: int) -> KVCache:
         """A cache cut or zero-padded to `length` positions."""
-        def fit(x: jax.Array) -> jax.Array:
+        def fit(x: jax.Array) -> jax.Array:  # [rows, kv_heads, cache_length(, head_dim)]
             keep = min(x.shape[2], length)
-            return jnp.zeros((*x.shape[:2], length, x.shape[3]), x.dtype).at[:, :, :keep].set(x[:, :, :keep])
+            return jnp.zeros((*x.shape[:2], length, *x.shape[3:]), x.dtype).at[:, :, :keep].set(x[:, :, :keep])
 
         with self.context():
-            return KVCache(tuple(map(fit, cache.k)), tuple(map(fit, cache.v)))
+            return jax.tree.map(fit, cache)

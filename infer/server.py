@@ -470,18 +470,19 @@ def build_serving(loaded: Any, metrics: ServingMetrics, *, model_name: str, slot
                   max_length: int | None = None, mesh: Any = None, batching: str = "continuous",
                   prefix_cache_bytes: int = 256 << 20, max_queue: int = 64, static_wait: float = 1.0,
                   stuck_after: float = 120.0, chat_template: str | None = None, warm_up: bool = True,
-                  engine: Any = None) -> Serving:
+                  engine: Any = None, kv_cache: str = "auto") -> Serving:
     """Engine and scheduler for a loaded model (model.load.load_model). max_length: prompt + completion
     tokens per slot (default: the model's max_seq_len, at most 2048). With `warm_up`, the generate step (for
     every attention length) and a short prefill are compiled before the server says it is ready. `engine`: an
-    Engine of this model to use (its compiled functions too) instead of a new one."""
+    Engine of this model to use (its compiled functions too) instead of a new one. kv_cache: the new Engine's
+    KV-cache format ("auto" or "int8")."""
     from infer.engine import Engine
 
     tokenizer = model_tokenizer(loaded)
     if engine is None:
         max_length = max_length or min(loaded.config.max_seq_len, 2048)
         engine = Engine(loaded.config, loaded.graphdef, loaded.params, slots=slots, max_length=max_length, mesh=mesh,
-                        allowed=tokenizer.valid_ids(loaded.config.vocab_size))
+                        allowed=tokenizer.valid_ids(loaded.config.vocab_size), kv_cache=kv_cache)
     if warm_up:
         engine.warm_up()
     end_of_turn = [i for i in (tokenizer.token_id("<|im_end|>"), tokenizer.token_id("<|eot_id|>")) if i is not None]

