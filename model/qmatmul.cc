@@ -105,47 +105,60 @@ struct Avx2 {
 };
 #endif
 
-constexpr int64_t kPanel = 512;  // columns of y one task computes; its running sums stay in L1
+// A task: rows k0 .. k1 - 1 of the weight (whole groups for 4-bit codes) times the same rows of x, for
+// columns n0 .. n1 - 1, added into `out` ([M, N], y itself or a partial sum that is added to y at the end).
+struct Task {
+  int64_t k0, k1, n0, n1;
+  float* out;
+};
 
-// Rows m0 .. m0 + MB - 1 of y, columns n0 .. n0 + width - 1 (width <= kPanel, a multiple of 16). The weight
-// is read in blocks of 4 rows (2 rows of bytes for 4-bit codes) left to right, so each row of the panel is
-// one sequential stream; the 4 rows' vectors are turned into floats once and shared by the MB rows of x.
+constexpr int kRows = 4;            // rows of x that share each converted weight vector
+constexpr int64_t kPanel = 512;     // columns per task when M > kRows (compute bound: tasks by columns)
+constexpr int64_t kStream = 4096;   // columns per pass when M <= kRows (bandwidth bound: tasks by rows)
+
+// Rows m0 .. m0 + MB - 1 of x against weight rows k0 .. k1 - 1, columns n0 .. n0 + width - 1 (a multiple of 16),
+// added into out. The weight is read in blocks of 4 rows (2 rows of bytes for 4-bit codes) left to right: with
+// tasks by rows, one task's bytes are one contiguous stretch of memory. The 4 rows' vectors are turned into
+// floats once and shared by the MB rows of x; their sums per group go to `t` ([MB][width]), then scaled.
 template <class Isa, int MB>
-inline void panel(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
+inline void panel(const Problem& p, int64_t m0, int64_t k0, int64_t k1, int64_t n0, int64_t width, float* out,
+                  float* t_buffer) {
   using V = typename Isa::V;
   constexpr int L = Isa::kLanes;
   const int64_t k = p.k, n = p.n, g_rows = p.group, groups = p.k / p.group;
-  alignas(64) float t[MB][kPanel];
-  for (int64_t g = 0; g < groups; ++g) {
+  float* t[MB];
+  for (int r = 0; r < MB; ++r) t[r] = t_buffer + r * width;
+  const float* x = p.x + m0 * k;
+  for (int64_t g = k0 / g_rows; g * g_rows < k1; ++g) {
+    const int64_t lo = std::max(k0, g * g_rows), hi = std::min(k1, (g + 1) * g_rows);
     for (int r = 0; r < MB; ++r) std::memset(t[r], 0, width * sizeof(float));
-    const float* xg = p.x + m0 * k + g * g_rows;
     if (p.kind == kInt8) {
-      const int8_t* base = static_cast<const int8_t*>(p.codes) + g * g_rows * n + n0;
-      int64_t kk = 0;
-      for (; kk + 4 <= g_rows; kk += 4) {
+      const int8_t* base = static_cast<const int8_t*>(p.codes) + n0;
+      int64_t kk = lo;
+      for (; kk + 4 <= hi; kk += 4) {
         const int8_t* row = base + kk * n;
         float xs[MB][4];
         for (int r = 0; r < MB; ++r)
-          for (int i = 0; i < 4; ++i) xs[r][i] = xg[r * k + kk + i];
+          for (int i = 0; i < 4; ++i) xs[r][i] = x[r * k + kk + i];
         for (int64_t c = 0; c < width; c += L) {
           const V w0 = Isa::bytes(row + c), w1 = Isa::bytes(row + n + c);
           const V w2 = Isa::bytes(row + 2 * n + c), w3 = Isa::bytes(row + 3 * n + c);
           for (int r = 0; r < MB; ++r)
-            Isa::store(t[r] + c, Isa::load(t[r] + c) + Isa::broadcast(xs[r][0]) * w0 + Isa::broadcast(xs[r][1]) * w1 +
-                                     Isa::broadcast(xs[r][2]) * w2 + Isa::broadcast(xs[r][3]) * w3);
+            Isa::store(t[r] + c, (Isa::load(t[r] + c) + Isa::broadcast(xs[r][0]) * w0 + Isa::broadcast(xs[r][1]) * w1) +
+                                     (Isa::broadcast(xs[r][2]) * w2 + Isa::broadcast(xs[r][3]) * w3));
         }
       }
-      for (; kk < g_rows; ++kk) {  // a group whose size is not a multiple of 4
+      for (; kk < hi; ++kk) {  // rows past the last block of 4
         const int8_t* row = base + kk * n;
         for (int64_t c = 0; c < width; c += L) {
           const V w0 = Isa::bytes(row + c);
-          for (int r = 0; r < MB; ++r)
-            Isa::store(t[r] + c, Isa::load(t[r] + c) + Isa::broadcast(xg[r * k + kk]) * w0);
+          for (int r = 0; r < MB; ++r) Isa::store(t[r] + c, Isa::load(t[r] + c) + Isa::broadcast(x[r * k + kk]) * w0);
         }
       }
-    } else {
+    } else {  // 4-bit codes: tasks hold whole groups
       const int64_t half = g_rows / 2;
       const uint8_t* base = static_cast<const uint8_t*>(p.codes) + g * half * n + n0;
+      const float* xg = x + g * g_rows;
       int64_t j = 0;
       for (; j + 2 <= half; j += 2) {
         const uint8_t* row = base + j * n;
@@ -159,8 +172,8 @@ inline void panel(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
           Isa::nibbles(row + c, &lo0, &hi0);
           Isa::nibbles(row + n + c, &lo1, &hi1);
           for (int r = 0; r < MB; ++r)
-            Isa::store(t[r] + c, Isa::load(t[r] + c) + Isa::broadcast(xs[r][0]) * lo0 + Isa::broadcast(xs[r][1]) * hi0 +
-                                     Isa::broadcast(xs[r][2]) * lo1 + Isa::broadcast(xs[r][3]) * hi1);
+            Isa::store(t[r] + c, (Isa::load(t[r] + c) + Isa::broadcast(xs[r][0]) * lo0 + Isa::broadcast(xs[r][1]) * hi0) +
+                                     (Isa::broadcast(xs[r][2]) * lo1 + Isa::broadcast(xs[r][3]) * hi1));
         }
       }
       for (; j < half; ++j) {  // an odd number of byte rows
@@ -174,38 +187,33 @@ inline void panel(const Problem& p, int64_t m0, int64_t n0, int64_t width) {
         }
       }
     }
-    for (int64_t c = 0; c < width; c += L) {  // y += scale * t (+ the offset's share)
+    for (int64_t c = 0; c < width; c += L) {  // out += scale * t (+ the offset's share)
       const V s = Isa::load(p.scale + g * n + n0 + c);
       const V o = p.offset ? Isa::load(p.offset + g * n + n0 + c) : Isa::broadcast(0.0f);
       for (int r = 0; r < MB; ++r) {
-        float* out = p.y + (m0 + r) * n + n0 + c;
-        V acc = g ? Isa::load(out) : Isa::broadcast(0.0f);
-        acc += s * Isa::load(t[r] + c);
+        float* o_r = out + (m0 + r) * n + n0 + c;
+        V acc = Isa::load(o_r) + s * Isa::load(t[r] + c);
         if (p.kind == kNibbleOffset) acc += o * Isa::broadcast(p.xsum[(m0 + r) * groups + g]);
         if (p.kind == kNibbleMinus8) acc -= Isa::broadcast(8.0f * p.xsum[(m0 + r) * groups + g]) * s;
-        Isa::store(out, acc);
+        Isa::store(o_r, acc);
       }
     }
   }
 }
 
-constexpr int kRows = 4;  // rows of x that share each converted weight vector
-
-// Panels begin .. end - 1 (kPanel columns each, the last one narrower), all rows of x.
 template <class Isa>
-inline void column_tiles(const Problem& p, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t n0 = i * kPanel, width = std::min(kPanel, p.n - n0);
+inline void run_task(const Problem& p, const Task& task) {
+  static thread_local std::vector<float> t_buffer;
+  const int64_t wide = p.m > kRows ? kPanel : kStream;
+  t_buffer.resize(kRows * std::min(wide, p.n));
+  for (int64_t n0 = task.n0; n0 < task.n1; n0 += wide) {
+    const int64_t width = std::min(wide, task.n1 - n0);
     int64_t m0 = 0;
-    for (; m0 + kRows <= p.m; m0 += kRows) panel<Isa, kRows>(p, m0, n0, width);
+    for (; m0 + kRows <= p.m; m0 += kRows) panel<Isa, kRows>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data());
     switch (p.m - m0) {
-      case 7: panel<Isa, 7>(p, m0, n0, width); break;
-      case 6: panel<Isa, 6>(p, m0, n0, width); break;
-      case 5: panel<Isa, 5>(p, m0, n0, width); break;
-      case 4: panel<Isa, 4>(p, m0, n0, width); break;
-      case 3: panel<Isa, 3>(p, m0, n0, width); break;
-      case 2: panel<Isa, 2>(p, m0, n0, width); break;
-      case 1: panel<Isa, 1>(p, m0, n0, width); break;
+      case 3: panel<Isa, 3>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data()); break;
+      case 2: panel<Isa, 2>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data()); break;
+      case 1: panel<Isa, 1>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data()); break;
       default: break;
     }
   }
@@ -213,16 +221,16 @@ inline void column_tiles(const Problem& p, int64_t begin, int64_t end) {
 
 #ifdef MESHLM_X86
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma"), flatten))
-void tiles_avx512(const Problem& p, int64_t begin, int64_t end) { column_tiles<Avx512>(p, begin, end); }
+void task_avx512(const Problem& p, const Task& task) { run_task<Avx512>(p, task); }
 
 __attribute__((target("avx2,fma"), flatten))
-void tiles_avx2(const Problem& p, int64_t begin, int64_t end) { column_tiles<Avx2>(p, begin, end); }
+void task_avx2(const Problem& p, const Task& task) { run_task<Avx2>(p, task); }
 #endif
 
-void tiles_baseline(const Problem& p, int64_t begin, int64_t end) { column_tiles<Scalar>(p, begin, end); }
+void task_baseline(const Problem& p, const Task& task) { run_task<Scalar>(p, task); }
 
 struct Build {
-  void (*run)(const Problem&, int64_t, int64_t);
+  void (*run)(const Problem&, const Task&);
   const char* name;
 };
 
@@ -231,10 +239,10 @@ Build pick_build() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return {tiles_avx512, "avx512"};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {tiles_avx2, "avx2"};
+    return {task_avx512, "avx512"};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {task_avx2, "avx2"};
 #endif
-  return {tiles_baseline, "baseline"};
+  return {task_baseline, "baseline"};
 }
 
 const Build& build() {
@@ -242,20 +250,22 @@ const Build& build() {
   return chosen;
 }
 
-// Tiles are handed out one at a time from a shared counter to the calling thread and to tasks scheduled on
-// XLA's intra-op pool. The caller waits until every tile is done (not until every task has run: a task that
-// starts late finds no tile left and only touches `Shared`, which it co-owns).
+// Tasks are handed out one at a time from a shared counter to the calling thread and to tasks scheduled on
+// XLA's intra-op pool. The caller waits until every task is done (not until every scheduled function has run:
+// one that starts late finds nothing left and only touches `Shared`, which it co-owns).
 struct Shared {
   Problem problem;
-  int64_t tiles;
+  std::vector<Task> tasks;
+  std::vector<float> partial;  // [splits - 1, M, N] when tasks split K
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 };
 
 void work(Shared* s) {
   const Build& b = build();
-  for (int64_t i; (i = s->next.fetch_add(1, std::memory_order_relaxed)) < s->tiles;) {
-    b.run(s->problem, i, i + 1);
+  const int64_t total = static_cast<int64_t>(s->tasks.size());
+  for (int64_t i; (i = s->next.fetch_add(1, std::memory_order_relaxed)) < total;) {
+    b.run(s->problem, s->tasks[i]);
     s->done.fetch_add(1, std::memory_order_release);
   }
 }
@@ -291,16 +301,34 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
         xsum[r * groups + g] = s;
       }
   }
-  const Build& b = build();
   auto shared = std::make_shared<Shared>();
+  float* out = y->typed_data();
+  std::memset(out, 0, m * n * sizeof(float));
   shared->problem = Problem{x.typed_data(), codes.untyped_data(), scale.typed_data(),
                             with_offset ? offset.typed_data() : nullptr, nibbles ? xsum.data() : nullptr,
-                            y->typed_data(), m, k, n, group, kind};
-  shared->tiles = (n + kPanel - 1) / kPanel;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), shared->tiles - 1);
+                            out, m, k, n, group, kind};
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t splits = 1;
+  if (m <= kRows) {  // bandwidth bound: each task streams a contiguous stretch of rows, all columns
+    const int64_t units = nibbles ? groups : k / 4, per = nibbles ? group : 4;
+    splits = std::min(threads, units);
+    if (splits > 1) shared->partial.assign((splits - 1) * m * n, 0.0f);
+    for (int64_t i = 0; i < splits; ++i) {
+      const int64_t k0 = units * i / splits * per, k1 = i + 1 == splits ? k : units * (i + 1) / splits * per;
+      shared->tasks.push_back({k0, k1, 0, n, i == 0 ? out : shared->partial.data() + (i - 1) * m * n});
+    }
+  } else {  // compute bound: tasks by panels of columns, all rows
+    for (int64_t n0 = 0; n0 < n; n0 += kPanel) shared->tasks.push_back({0, k, n0, std::min(n, n0 + kPanel), out});
+  }
+  const int64_t total = static_cast<int64_t>(shared->tasks.size());
+  const int64_t helpers = std::min(threads, total - 1);
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([shared] { work(shared.get()); });
   work(shared.get());
-  while (shared->done.load(std::memory_order_acquire) < shared->tiles) std::this_thread::yield();
+  while (shared->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+  for (int64_t i = 1; i < splits; ++i) {  // the other splits' partial sums
+    const float* part = shared->partial.data() + (i - 1) * m * n;
+    for (int64_t j = 0; j < m * n; ++j) out[j] += part[j];
+  }
   return ffi::Error::Success();
 }
 
