@@ -379,8 +379,11 @@ def test_health_while_loading_failing_and_stuck(loaded, engine):
             waiting = threading.Thread(target=running.http.post, args=("/v1/completions",),
                                        kwargs={"json": {"model": "tiny", "prompt": "x", "max_tokens": 2}})
             waiting.start()
-            time.sleep(0.8)
-            stuck = running.http.get("/health")
+            deadline = time.monotonic() + 10  # the request reaches the slow step after its prefill (a busy
+            stuck = running.http.get("/health")  # machine may take a while): poll, not a fixed sleep
+            while stuck.status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.05)
+                stuck = running.http.get("/health")
             assert stuck.status_code == 503 and "stuck" in stuck.json()["detail"]
             waiting.join(30)
         finally:
