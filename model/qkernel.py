@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from model.quant import QuantizedWeight, dequantize
+from model.quant import ACTIVATION_BLOCK, QuantizedWeight, dequantize, int8_activations, quantize_activations
 from model.sharding import active_mesh, logical_to_spec, rules_on
 
 TARGET = "meshlm_qmatmul"
@@ -81,7 +81,7 @@ def qmatmul(x: jax.Array, q: QuantizedWeight) -> jax.Array:
     offset = q.offset.reshape(-1, n) if q.offset is not None else jnp.zeros((0,), jnp.float32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32))
     return call(x.astype(jnp.float32), codes, scale, offset, group=np.int64(q.group),
-                kind=np.int64(KINDS[q.format]))
+                kind=np.int64(KINDS[q.format]), int8_activations=np.int64(int8_activations(q)))
 
 
 def project(x: jax.Array, q: QuantizedWeight, dtype: Any, equation: str,
@@ -91,6 +91,8 @@ def project(x: jax.Array, q: QuantizedWeight, dtype: Any, equation: str,
     by dequantising W and the einsum. `axes`: W's logical axis names, which lay the kernel out on the active
     mesh (`model.sharding.activation_sharding`) by the rules table."""
     def reference(x: jax.Array, q: QuantizedWeight) -> jax.Array:
+        if int8_activations(q):  # x's last q.contract dimensions are K
+            x = quantize_activations(x.reshape(*x.shape[:x.ndim - q.contract], -1)).reshape(x.shape)
         return jnp.einsum(equation, x, dequantize(q, dtype))
 
     dims = q.shape[q.lead:]  # the float weight's dimensions, less the stacked layers (also inside a scan)
@@ -128,6 +130,8 @@ def _on_mesh(x: jax.Array, q: QuantizedWeight, axes: tuple[str | None, ...] | No
         batch_axes = ()
     if groups % size(k_axes) or (q.bits == 4 and q.values.shape[0] % size(k_axes)):
         k_axes = ()
+    if int8_activations(q) and (x.shape[1] // size(k_axes)) % ACTIVATION_BLOCK:  # each shard: whole blocks
+        k_axes = ()
     if q.scale.shape[1] % size(n_axes):
         n_axes = ()
     if (q.scale.shape[1] // size(n_axes)) % 16:  # a shard narrower than the kernel takes
@@ -153,5 +157,8 @@ def _axes(entry: Any) -> tuple[str, ...]:
 
 
 def qmatmul_reference(x: jax.Array, q: QuantizedWeight) -> jax.Array:
-    """What qmatmul computes, by dequantising: x [M, K] @ q as [K, N]."""
+    """What qmatmul computes, by dequantising (and quantising the activations where q asks): x [M, K] @ q as
+    [K, N]."""
+    if int8_activations(q):
+        x = quantize_activations(x)
     return x @ dequantize(q).reshape(-1, q.scale.shape[-1])

@@ -25,6 +25,12 @@ second half in the high nibbles (llama.cpp's own order), so a GGUF block moves o
     scale   [*lead, K // group, N] float32
     offset  [*lead, K // group, N] float32, int4 and q4_1 only
 
+Activations: a matmul with a quantised weight quantises its activations too, by default (`activations="int8"`,
+llama.cpp's scheme for its quantised dot products): each row of x in blocks of 32 along K, with d = max |x| / 127
+and codes round(x / d). On CPU the kernel (model/qkernel.py) then multiplies integers by integers; elsewhere x
+is replaced by codes * d before the dot, the same numbers. `activations="float"` keeps x as it is (weight-only
+quantisation). A contraction (or group) that is not a multiple of 32 keeps float activations.
+
 Every array keeps the float weight's logical axis names (its first contraction axis for the K dimension, its
 first output axis for N; the scales' K dimension counts groups, so a mesh axis that splits K must split whole
 groups), so `logical_axes` gives the rules table what it needs.
@@ -44,6 +50,8 @@ from model.errors import ModelError
 
 FORMATS = {"int8": (8, None), "int4": (4, None), "q8_0": (8, 32), "q4_0": (4, 32), "q4_1": (4, 32)}
 INT4_GROUPS = (32, 64, 128)
+ACTIVATIONS = ("int8", "float")  # what a matmul does with its activations (above)
+ACTIVATION_BLOCK = 32
 
 
 class QuantError(ModelError):
@@ -61,6 +69,7 @@ class QuantizedWeight:
     shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # the float weight's shape [*lead, *K, *N]
     lead: int = flax.struct.field(pytree_node=False)  # leading dimensions kept apart (stacked layers)
     contract: int = flax.struct.field(pytree_node=False)  # how many dimensions after `lead` form K
+    activations: str = flax.struct.field(pytree_node=False, default="int8")  # "int8" or "float" (above)
 
     @property
     def bits(self) -> int:
@@ -74,6 +83,37 @@ class QuantizedWeight:
     def nbytes(self) -> int:
         parts = [self.values, self.scale] + ([self.offset] if self.offset is not None else [])
         return sum(int(np.prod(p.shape)) * np.dtype(p.dtype).itemsize for p in parts)
+
+
+def int8_activations(q: QuantizedWeight) -> bool:
+    """Whether a matmul with `q` quantises its activations: asked for, and K and the group in whole blocks."""
+    return q.activations == "int8" and q.k % ACTIVATION_BLOCK == 0 and q.group % ACTIVATION_BLOCK == 0
+
+
+def quantize_activations(x: jax.Array) -> jax.Array:
+    """x [..., K] (K a multiple of 32) as the int8 activations of a quantised matmul see it: per row and block
+    of 32, codes round(x * (1 / d)) (ties to even) with d = max |x| * (1 / 127), times d. The CPU kernel
+    computes the same codes and scales (model/qmatmul.cc)."""
+    blocks = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, ACTIVATION_BLOCK)
+    # written as products with reciprocals, which is what XLA makes of divisions anyway, so that every
+    # backend and the kernel round the same numbers
+    d = jnp.max(jnp.abs(blocks), axis=-1, keepdims=True) * np.float32(1 / 127)
+    inverse = jnp.where(d > 0, 1.0 / jnp.where(d > 0, d, 1.0), 0.0)
+    codes = jnp.round(blocks * inverse)
+    return (codes * d).reshape(x.shape).astype(x.dtype)
+
+
+def with_activations(params: Any, activations: str) -> Any:
+    """`params` with every QuantizedWeight's activations set to "int8" or "float"."""
+    if activations not in ACTIVATIONS:
+        raise QuantError(f"unknown activations {activations!r}: use int8 (quantised per block of 32, the default) "
+                         f"or float (weight-only quantisation)")
+    def set(p: Any) -> Any:
+        if not isinstance(p, QuantizedWeight) or p.activations == activations:
+            return p
+        return p.replace(activations=activations)
+
+    return jax.tree.map(set, params, is_leaf=lambda p: isinstance(p, QuantizedWeight))
 
 
 def parse_format(text: str) -> tuple[str, int | None]:
@@ -165,9 +205,8 @@ def layer_of(p: Any, layer: int) -> Any:
     """Layer `layer` of a stacked parameter: an array's row, or a QuantizedWeight's (one leading dim less)."""
     if not isinstance(p, QuantizedWeight):
         return p[layer]
-    return QuantizedWeight(values=p.values[layer], scale=p.scale[layer],
-                           offset=None if p.offset is None else p.offset[layer], format=p.format, group=p.group,
-                           shape=p.shape[1:], lead=p.lead - 1, contract=p.contract)
+    return p.replace(values=p.values[layer], scale=p.scale[layer],
+                     offset=None if p.offset is None else p.offset[layer], shape=p.shape[1:], lead=p.lead - 1)
 
 
 # The matmul weights of meshlm's model (model/transformer.py) and how many of their dimensions (after `layers`)
@@ -176,9 +215,10 @@ MATMUL_WEIGHTS = {("attn", "wq"): 1, ("attn", "wk"): 1, ("attn", "wv"): 1, ("att
                   ("mlp", "w_gate"): 1, ("mlp", "w_up"): 1, ("mlp", "w_down"): 1}
 
 
-def quantize_params(params: dict, format: str, group: int | None = None) -> dict:
+def quantize_params(params: dict, format: str, group: int | None = None, activations: str = "int8") -> dict:
     """A model's parameter dict with every layer's matmul weights (and an untied LM head) quantised; the
-    embedding and the norms stay as they are. Errors name the parameter and its contraction dimension."""
+    embedding and the norms stay as they are. Errors name the parameter and its contraction dimension.
+    activations: what their matmuls do with activations, "int8" or "float" (the module docstring)."""
     layers = params["layers"]
     out_layers = {part: dict(values) for part, values in layers.items()}
     for (part, name), contract in MATMUL_WEIGHTS.items():
@@ -187,7 +227,7 @@ def quantize_params(params: dict, format: str, group: int | None = None) -> dict
     out = {**params, "layers": out_layers}
     if "lm_head" in params:
         out["lm_head"] = _requantize(params["lm_head"], format, group, lead=0, contract=1, name="lm_head")
-    return out
+    return with_activations(out, activations)
 
 
 def _requantize(w: Any, format: str, group: int | None, lead: int, contract: int, name: str) -> QuantizedWeight:
@@ -232,7 +272,8 @@ def _path(path: tuple[Any, ...]) -> str:
 
 def static_fields(q: QuantizedWeight) -> dict:
     """A QuantizedWeight's static fields as JSON: what a checkpoint's layout records for it."""
-    return {"format": q.format, "group": q.group, "shape": list(q.shape), "lead": q.lead, "contract": q.contract}
+    return {"format": q.format, "group": q.group, "shape": list(q.shape), "lead": q.lead, "contract": q.contract,
+            "activations": q.activations}
 
 
 def as_arrays(params: Any) -> tuple[Any, dict[str, dict]]:
@@ -263,7 +304,8 @@ def from_arrays(params: Any, quantization: dict[str, dict] | None) -> Any:
             meta = quantization[prefix]
             return QuantizedWeight(values=node["values"], scale=node["scale"], offset=node.get("offset"),
                                    format=meta["format"], group=meta["group"], shape=tuple(meta["shape"]),
-                                   lead=meta["lead"], contract=meta["contract"])
+                                   lead=meta["lead"], contract=meta["contract"],
+                                   activations=meta.get("activations", "int8"))
         return {key: walk(value, f"{prefix}/{key}" if prefix else key) for key, value in node.items()}
 
     return walk(params, "")
@@ -288,9 +330,13 @@ def abstract_weight(float_shape: tuple[int, ...], fields: Any, name: str) -> Qua
     if dims is None:
         raise QuantError(f"{name} is recorded as quantised, but only the layers' matmul weights and an untied "
                          "lm_head are")
-    keys = {"format", "group", "shape", "lead", "contract"}
-    if not isinstance(fields, dict) or set(fields) != keys:
-        raise QuantError(f"{name}: the quantisation record {fields!r} is not one of {{{', '.join(sorted(keys))}}}")
+    keys = {"format", "group", "shape", "lead", "contract"}  # and "activations" (checkpoints written since)
+    if not isinstance(fields, dict) or set(fields) - {"activations"} != keys:
+        raise QuantError(f"{name}: the quantisation record {fields!r} is not one of {{{', '.join(sorted(keys))}}} "
+                         "(and activations)")
+    activations = fields.get("activations", "int8")
+    if activations not in ACTIVATIONS:
+        raise QuantError(f"{name}: activations {activations!r} are not one of {', '.join(ACTIVATIONS)}")
     format, group, shape = fields["format"], fields["group"], tuple(fields["shape"])
     if format not in FORMATS:
         raise QuantError(f"{name}: unknown quantisation format {format!r}; one of {', '.join(FORMATS)}")
@@ -307,7 +353,8 @@ def abstract_weight(float_shape: tuple[int, ...], fields: Any, name: str) -> Qua
     values = jax.ShapeDtypeStruct((*lead_shape, k if bits == 8 else k // 2, n), jnp.int8 if bits == 8 else jnp.uint8)
     scale = jax.ShapeDtypeStruct((*lead_shape, k // group, n), jnp.float32)
     return QuantizedWeight(values=values, scale=scale, offset=scale if format in ("int4", "q4_1") else None,
-                           format=format, group=group, shape=shape, lead=dims[0], contract=dims[1])
+                           format=format, group=group, shape=shape, lead=dims[0], contract=dims[1],
+                           activations=activations)
 
 
 def error_bound(q: QuantizedWeight) -> jax.Array:

@@ -362,13 +362,17 @@ class Transformer(nnx.Module):
             return value if isinstance(value, QuantizedWeight) else value.astype(dtype)
         if self.is_quantized():
             format = "q8_0" if self.config.d_model % 32 == 0 else "int8"
-            return quantize(self.embedding[...].T, format, name="embedding (the tied LM head)")
+            head = quantize(self.embedding[...].T, format, name="embedding (the tied LM head)")
+            return head.replace(activations=self._quantized()[0].activations)  # as the layers' matmuls do
         return self.embedding[...].T.astype(dtype)
 
     def is_quantized(self) -> bool:
         """Whether the layers' weights are quantised (model/quant.py)."""
-        return any(isinstance(v, QuantizedWeight) for v in jax.tree.leaves(
-            nnx.split(self.layers)[1], is_leaf=lambda v: isinstance(v, QuantizedWeight)))
+        return bool(self._quantized())
+
+    def _quantized(self) -> list[QuantizedWeight]:
+        return [v for v in jax.tree.leaves(nnx.split(self.layers)[1], is_leaf=lambda v: isinstance(v, QuantizedWeight))
+                if isinstance(v, QuantizedWeight)]
 
     def logits(self, x: jax.Array, head: jax.Array | QuantizedWeight | None = None) -> jax.Array:
         """Final norm and LM head: [batch, length, act_embed] -> float32 logits [batch, length, vocab].

@@ -8,8 +8,10 @@ memory, as in a decode step that goes through 30 layers):
     int8 dequant   x @ (W_int8 as float32 * scale)            (what XLA makes of model.quant.dequantize)
     int4 dequant   x @ dequantize(W_int4, groups of 32)
     int8 x int8    round(x / row scale) as int8 @ W_int8 -> int32, times both scales
-    kernel int8    model/qmatmul.cc on int8 per channel
-    kernel int4    model/qmatmul.cc on int4, groups of 32
+    kernel int8    model/qmatmul.cc on int8 per channel, activations quantised to int8 (blocks of 32): integer dots
+    kernel int4    model/qmatmul.cc on int4, groups of 32, activations as above
+    kernel int8 fx / kernel int4 fx   the same with float activations (activations="float": weights turned
+                   into floats in registers)
 
 XLA:CPU's `--xla_cpu_experimental_ynn_fusion_type=dot,reduce` (which model/runtime.py sets) changes some of
 these a lot, so `--ynn both` (the default) runs every path with and without it, each in its own process (XLA
@@ -30,7 +32,8 @@ import time
 
 SHAPES = {"576x576": (576, 576), "576x192": (576, 192), "576x1536": (576, 1536), "1536x576": (1536, 576),
           "576x49152": (576, 49152)}  # [K, N] of q and o, k and v, gate and up, down, the LM head
-PATHS = ("float32", "bfloat16", "int8 dequant", "int4 dequant", "int8 x int8", "kernel int8", "kernel int4")
+PATHS = ("float32", "bfloat16", "int8 dequant", "int4 dequant", "int8 x int8", "kernel int8", "kernel int4",
+         "kernel int8 fx", "kernel int4 fx")
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
 
 
@@ -74,6 +77,9 @@ def measure(rows: list[int], shapes: list[str], paths: list[str], repeats: int) 
             return sum(jax.lax.dot(xq, q.values, preferred_element_type=jnp.int32).astype(jnp.float32)
                        * sx * q.scale for q in ws)
 
+        def kernel(x, ws):
+            return sum(qkernel.qmatmul(x, q) for q in ws)
+
         fns = {
             "float32": (lambda x, ws: sum(x @ w for w in ws), floats),
             "bfloat16": (lambda x, ws: sum(jnp.dot(x.astype(jnp.bfloat16), w, preferred_element_type=jnp.float32)
@@ -81,8 +87,10 @@ def measure(rows: list[int], shapes: list[str], paths: list[str], repeats: int) 
             "int8 dequant": (dequant8, int8),
             "int4 dequant": (lambda x, ws: sum(x @ quant.dequantize(q) for q in ws), int4),
             "int8 x int8": (int8_int8, int8),
-            "kernel int8": (lambda x, ws: sum(qkernel.qmatmul(x, q) for q in ws), int8),
-            "kernel int4": (lambda x, ws: sum(qkernel.qmatmul(x, q) for q in ws), int4),
+            "kernel int8": (kernel, int8),
+            "kernel int4": (kernel, int4),
+            "kernel int8 fx": (kernel, quant.with_activations(int8, "float")),
+            "kernel int4 fx": (kernel, quant.with_activations(int4, "float")),
         }
         for m in rows:
             x = jnp.asarray(rng.standard_normal((m, k), np.float32))

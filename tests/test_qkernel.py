@@ -1,5 +1,10 @@
 """The CPU kernel for quantised matmuls (model/qmatmul.cc through model/qkernel.py) against a numpy reference
-that reads the codes itself, the pure-JAX path, and one device."""
+that reads the codes itself (and quantises the activations itself), the pure-JAX path, and one device; every
+build this CPU can run (AVX-512 VNNI, AVX2, baseline)."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +12,7 @@ import numpy as np
 import pytest
 
 from model import qkernel
-from model.quant import quantize
+from model.quant import quantize, with_activations
 
 pytestmark = pytest.mark.skipif(qkernel.build() is None, reason="the kernel library is not built here")
 
@@ -33,27 +38,76 @@ def _numpy_weight(q) -> np.ndarray:
     return w.reshape(k, n)
 
 
+def _numpy_activations(x: np.ndarray) -> np.ndarray:
+    """x [M, K] as int8 activations, in numpy: per block of 32, d = max |x| * (1 / 127) in float32, codes
+    rounded to nearest (ties to even) from x * (1 / d), back as codes * d (float64)."""
+    m, k = x.shape
+    blocks = x.reshape(m, k // 32, 32).astype(np.float32)
+    d = np.max(np.abs(blocks), axis=-1, keepdims=True) * np.float32(1 / 127)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d > 0, np.float32(1) / d, np.float32(0))
+    codes = np.round(blocks * inverse)
+    assert np.abs(codes).max() <= 127
+    return (codes.astype(np.float64) * d.astype(np.float64)).reshape(m, k)
+
+
 FORMATS = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("q8_0", None), ("q4_0", None),
            ("q4_1", None)]
 
 
+@pytest.mark.parametrize("activations", ["int8", "float"])
 @pytest.mark.parametrize("format, group", FORMATS)
-def test_the_kernel_computes_what_numpy_does(format, group):
-    """Every format, rows 1..13 (the kernel's blocks of 4 rows and their remainders), output widths with a
-    narrower last panel (592 = 512 + 80) and a contraction of 640 (several groups of each size)."""
+def test_the_kernel_computes_what_numpy_does(format, group, activations):
+    """Every format, with int8 activations (integer dot products) and float ones; rows 1..13 (the kernel's
+    blocks of rows and their remainders), output widths with a narrower last panel (592 = 512 + 80) and past
+    the last full vector (80 = 64 + 16), a contraction of 640 (several groups of each size), a row of zeros."""
+    check_against_numpy(format, group, activations)
+
+
+def check_against_numpy(format, group, activations):
     rng = np.random.default_rng(0)
     k = 640
+    run = jax.jit(qkernel.qmatmul)
     for n in (16, 80, 592):
         w = rng.standard_normal((k, n)).astype(np.float32)
-        q = quantize(w, format, group)
+        q = with_activations(quantize(w, format, group), activations)
         reference = _numpy_weight(q)
-        run = jax.jit(qkernel.qmatmul)
         for m in (1, 3, 4, 8, 13):
             x = rng.standard_normal((m, k)).astype(np.float32)
+            x[m // 2, :64] = 0  # blocks of zeros: a scale of 0
             got = np.asarray(run(jnp.asarray(x), q))
-            want = x.astype(np.float64) @ reference
+            want = (_numpy_activations(x) if activations == "int8" else x.astype(np.float64)) @ reference
             # float32 sums of 640 products: a few ulps of the largest partial sums
             np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(x).sum(1, keepdims=True).max())
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_the_other_builds_compute_what_numpy_does(isa):
+    """The AVX2 build (integer dots by vpmaddubsw, int8 codes by their magnitude and sign) and the baseline
+    build, on this CPU (MESHLM_QKERNEL_ISA caps the build a process picks), for every format and both
+    activations."""
+    if isa == "avx2" and "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("this CPU has no AVX2")
+    code = ("import tests.test_qkernel as t\nfrom model import qkernel\n"
+            f"assert qkernel.build() == {isa!r}, qkernel.build()\n"
+            "for f, g in t.FORMATS:\n    for a in ('int8', 'float'):\n        t.check_against_numpy(f, g, a)\n")
+    env = dict(os.environ, MESHLM_QKERNEL_ISA=isa, JAX_PLATFORMS="cpu")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_activations_are_quantised_as_numpy_does():
+    """model.quant.quantize_activations (what the pure-JAX path multiplies) gives numpy's codes times scales,
+    exactly: the kernel and the reference see the same numbers."""
+    from model.quant import quantize_activations
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((64, 1536)).astype(np.float32) * rng.uniform(0.01, 100, (64, 1))
+    x[3, 32:64] = 0
+    x[5, :32] = np.arange(32) - 15.5  # halves: ties go to even
+    got = np.asarray(jax.jit(quantize_activations)(jnp.asarray(x)), np.float64)
+    np.testing.assert_array_equal(got, _numpy_activations(x).astype(np.float32).astype(np.float64))
 
 
 def test_project_uses_the_kernel_on_cpu_and_matches_the_pure_jax_path():
@@ -63,11 +117,13 @@ def test_project_uses_the_kernel_on_cpu_and_matches_the_pure_jax_path():
 
     rng = np.random.default_rng(1)
     w = rng.standard_normal((64, 4, 16)).astype(np.float32)  # [embed, heads, head_dim]: N is 64
+    from model.quant import quantize_activations
+
     q = quantize(w, "int4", 32)
     x = jnp.asarray(rng.standard_normal((2, 3, 64)).astype(np.float32))
     fn = jax.jit(lambda x, q: qkernel.project(x, q, jnp.float32, "bld,dhk->blhk"))
     assert "meshlm_qmatmul" in fn.lower(x, q).as_text()
-    want = jnp.einsum("bld,dhk->blhk", x, dequantize(q))
+    want = jnp.einsum("bld,dhk->blhk", quantize_activations(x), dequantize(q))
     np.testing.assert_allclose(fn(x, q), want, rtol=1e-5, atol=1e-5)
     big = jnp.asarray(rng.standard_normal((1, qkernel.MAX_ROWS + 1, 64)).astype(np.float32))
     assert "meshlm_qmatmul" not in fn.lower(big, q).as_text()
@@ -78,7 +134,7 @@ def test_project_uses_the_kernel_on_cpu_and_matches_the_pure_jax_path():
 def test_the_kernel_on_a_mesh_computes_what_one_device_does(shape, format):
     """Under shard_map: wq-like weights split over tensor along their output, wo/w_down-like weights along
     their contraction (partial sums added across tensor); fsdp-split weights gathered first."""
-    from model.quant import dequantize, logical_axes
+    from model.quant import dequantize, logical_axes, quantize_activations
     from model.sharding import activation_sharding, make_mesh, named_sharding
 
     mesh = make_mesh(shape)
@@ -105,7 +161,8 @@ def test_the_kernel_on_a_mesh_computes_what_one_device_does(shape, format):
         assert "meshlm_qmatmul" in fn.lower(xs, placed).as_text()
         # the shards sum the products in another order (partial sums added across tensor): float32 rounding of
         # sums of K terms, within a few ulps per level of a blocked sum (log2 K <= 16 levels) of sum |x||w|
-        magnitude = jnp.einsum(equation, jnp.abs(x), jnp.abs(dequantize(q)))
+        seen = quantize_activations(x.reshape(4, 3, -1)).reshape(x.shape)  # the activations the products use
+        magnitude = jnp.einsum(equation, jnp.abs(seen), jnp.abs(dequantize(q)))
         np.testing.assert_array_less(np.abs(fn(xs, placed) - one), 16 * np.finfo(np.float32).eps * magnitude + 1e-30)
 
 
@@ -142,4 +199,4 @@ def test_decoding_with_the_kernel_gives_the_pure_jax_tokens(monkeypatch):
 
 
 def test_the_build_names_the_instruction_set():
-    assert qkernel.build() in ("avx512", "avx2", "baseline")
+    assert qkernel.build() in ("avx512-vnni", "avx512", "avx2", "baseline")
