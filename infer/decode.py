@@ -34,7 +34,7 @@ from infer.sampling import (
     row_done,
     row_keys,
 )
-from infer.step import OnMesh, bucket, decode_step, prefill, step_weights
+from infer.step import OnMesh, StepWeights, bucket, decode_step, prefill
 from model.cache import KVCache, cache_bytes
 from model.config import ModelConfig
 from model.sharding import DEFAULT_RULES, Rules, check_divisible
@@ -108,21 +108,21 @@ class Decoder(OnMesh):
 
     # ------------------------------------------------------------------ compiled pieces
 
-    def _start_fn(self, params, tokens, lengths, cache, rows: RowSampling, state: DecodeState, chunk, n_top):
+    def _start_fn(self, outer, weights: StepWeights, tokens, lengths, cache, rows: RowSampling, state: DecodeState,
+                  chunk, n_top):
         """Prompts tokens [batch, prompt_bucket] (right-padded) of `lengths` into the cache; each row's first
         token drawn and recorded into `state` (whose cache is replaced)."""
         self.traces["prefill"] += 1
         with self.context():
-            logits, cache = prefill(self.model(params), tokens, jnp.zeros_like(lengths), lengths, cache, chunk)
+            logits, cache = prefill(self.model(outer), tokens, jnp.zeros_like(lengths), lengths, cache, chunk, weights)
             drawn = draw(logits, rows, row_keys(rows, state.generated), self.allowed, n_top)
             return state.replace(cache=cache, lengths=lengths).record(drawn)
 
-    def _decode_fn(self, params, state: DecodeState, rows: RowSampling, steps, n_top):
+    def _decode_fn(self, outer, weights: StepWeights, state: DecodeState, rows: RowSampling, steps, n_top):
         """Up to `steps` iterations of the decode step: feed each row's newest token, draw and record the next."""
         self.traces["decode"] += 1
         with self.context():
-            model = self.model(params)
-            weights = step_weights(model)  # once per call, not per step
+            model = self.model(outer)
             end = state.step + steps
 
             def cond(s: DecodeState):
@@ -191,15 +191,15 @@ class Decoder(OnMesh):
             top_logprobs=self.put(np.zeros((batch, out_length, n_top), np.float32), batch_axes),
             step=np.zeros((), np.int32))
         rows = self.sampling(list(params), batch)
-        state = self._start(self.params, self.put(tokens, ("batch", "length")), self.put(lengths, ("batch",)),
-                            self.new_cache(batch, cache_length), rows, state,
+        state = self._start(self.outer, self.weights, self.put(tokens, ("batch", "length")),
+                            self.put(lengths, ("batch",)), self.new_cache(batch, cache_length), rows, state,
                             chunk=min(self.prefill_chunk, prompt_bucket), n_top=n_top)
         return state, rows
 
     def decode(self, state: DecodeState, rows: RowSampling, steps: int) -> DecodeState:
         """Up to `steps` more decode iterations (fewer when every row is done)."""
         n_top = state.top_ids.shape[2]  # the alternatives `start` made room for
-        return self._decode(self.params, state, rows, np.int32(steps), n_top=n_top)
+        return self._decode(self.outer, self.weights, state, rows, np.int32(steps), n_top=n_top)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams],
                      truncate: bool = False) -> list[Generation]:

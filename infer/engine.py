@@ -27,10 +27,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from infer.sampling import InferenceError, RowSampling, SamplingParams, check_request, draw, row_keys
-from infer.step import OnMesh, StepWeights, bucket, decode_step, prefill, step_weights
+from infer.step import OnMesh, StepWeights, bucket, decode_step, prefill
 from model.cache import KVCache, cache_bytes
 from model.config import ModelConfig
-from model.sharding import DEFAULT_RULES, Rules, check_divisible, named_sharding
+from model.sharding import DEFAULT_RULES, Rules, check_divisible
 
 MIN_BUCKET = 16  # the shortest prompt bucket and cache a prefill makes
 
@@ -89,29 +89,12 @@ class Engine(OnMesh):
         self.max_length, self.prefill_chunk = max_length, prefill_chunk
         if mesh is not None:
             check_divisible("engine slots", (self.slots,), ("batch",), mesh, rules)
-        # Each layer's weights as their own arrays, made once (see StepWeights). The stacked arrays are then
-        # dropped (replaced by empty placeholders) so that the weights are held once: the engine keeps
-        # `weights` and the rest (`_outer`), not the parameters a full forward pass needs.
-        with self.context():
-            self.weights: StepWeights = jax.jit(lambda p: step_weights(self.model(p)))(self._placed)
-        self._outer = dict(self._placed, layers=jax.tree.map(self._placeholder, self._placed["layers"]))
-        del self._placed
         self.traces = {"prefill": 0, "generate": 0, "insert": 0}  # how often each function was traced
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("length", "chunk"), donate_argnames=("cache",))
         self._insert = jax.jit(self._insert_fn, donate_argnames=("state",))
         self._generate = jax.jit(self._generate_fn, static_argnames=("visible",), donate_argnames=("state",))
         self._extract = jax.jit(self._extract_fn, static_argnames=("length",))
         self._resize = jax.jit(self._resize_fn, static_argnames=("length",))
-
-    @property
-    def params(self):
-        raise InferenceError("an Engine does not keep the stacked parameters a full forward pass needs (it holds "
-                             "each layer's weights separately, in engine.weights); build the model from the "
-                             "parameters you gave the Engine instead")
-
-    @params.setter
-    def params(self, placed):  # OnMesh places the parameters; __init__ splits them into weights and the rest
-        self._placed = placed
 
     # ------------------------------------------------------------------ the three verbs
 
@@ -134,7 +117,7 @@ class Engine(OnMesh):
         sampling = tuple(self.put(x, ("batch",)) for x in RowSampling.host_arrays([params] * self.shards,
                                                                                    self.shards))
         token, logprob, cache, rows = self._prefill(
-            self._outer, self.weights, self.put(tokens, ("batch", "length")),
+            self.outer, self.weights, self.put(tokens, ("batch", "length")),
             self.put(np.full(self.shards, start, np.int32), ("batch",)),
             self.put(np.full(self.shards, new, np.int32), ("batch",)), cache, sampling,
             length=length, chunk=min(self.prefill_chunk, width))
@@ -155,7 +138,7 @@ class Engine(OnMesh):
         attention then reads only the first cache_bucket(longest) positions, so a step's cost follows the
         busy sequences' lengths, not max_length (one compiled step per bucket). Default: all positions."""
         visible = self.max_length if longest is None else self.cache_bucket(longest)
-        state, tokens, logprobs = self._generate(self._outer, self.weights, state, visible=visible)
+        state, tokens, logprobs = self._generate(self.outer, self.weights, state, visible=visible)
         return state, Step(np.asarray(jax.device_get(tokens)), logprobs)
 
     # ------------------------------------------------------------------ around them
@@ -221,10 +204,6 @@ class Engine(OnMesh):
 
     # ------------------------------------------------------------------ compiled pieces
 
-    def _placeholder(self, x: jax.Array) -> jax.Array:
-        empty = np.zeros((0,), x.dtype)
-        return jax.device_put(empty) if self.mesh is None else jax.device_put(empty, named_sharding(self.mesh, ()))
-
     def _prefill_fn(self, outer, weights: StepWeights, tokens, starts, lengths, cache, sampling, length, chunk):
         """One call: a zero cache of `length` positions (unless `cache` is given, holding reused KV), the
         prompt run into it, the first token drawn. -> (tokens, log-probs, cache, the rows' RowSampling)."""
@@ -233,7 +212,7 @@ class Engine(OnMesh):
             if cache is None:
                 cache = self.new_cache(tokens.shape[0], length, inside=True)
             rows = RowSampling.build(*sampling)
-            logits, cache = prefill(self.model(outer), tokens, starts, lengths, cache, chunk, weights.layers)
+            logits, cache = prefill(self.model(outer), tokens, starts, lengths, cache, chunk, weights)
             drawn = draw(logits, rows, row_keys(rows, jnp.zeros(tokens.shape[0], jnp.int32)), self.allowed)
             return drawn.tokens, drawn.logprobs, cache, rows
 

@@ -44,7 +44,7 @@ from infer.sampling import (
     row_done,
     row_keys,
 )
-from infer.step import decode_step, step_weights
+from infer.step import StepWeights, decode_step
 from model.cache import KVCache
 
 
@@ -122,7 +122,7 @@ class SpeculativeDecoder:
             target_cache=t_state.cache, draft_cache=d_state.cache, last=t_state.last, lengths=t_state.lengths,
             generated=t_state.generated, done=t_state.done, max_new=t_state.max_new, stop_ids=t_state.stop_ids,
             tokens=t_state.tokens, logprobs=t_state.logprobs, proposed=zeros(), accepted=zeros())
-        state = self._rounds(target.params, draft.params, state, rows)
+        state = self._rounds(target.outer, target.weights, draft.outer, draft.weights, state, rows)
         tokens, logprobs, generated, proposed, accepted = target.fetch(
             (state.tokens, state.logprobs, state.generated, state.proposed, state.accepted))
         results = collect(t_state.replace(cache=None, tokens=tokens, logprobs=logprobs, generated=generated,
@@ -135,12 +135,12 @@ class SpeculativeDecoder:
             stats.append(self.last_stats)
         return results
 
-    def _rounds_fn(self, target_params, draft_params, state: SpecState, rows: RowSampling) -> SpecState:
+    def _rounds_fn(self, target_outer, t_weights: StepWeights, draft_outer, d_weights: StepWeights, state: SpecState,
+                   rows: RowSampling) -> SpecState:
         """Speculative rounds until every row is done."""
         target, draft, k = self.target, self.draft, self.k
         with target.context():
-            t_model, d_model = target.model(target_params), draft.model(draft_params)
-            t_weights, d_weights = step_weights(t_model), step_weights(d_model)  # once, outside the loop
+            t_model, d_model = target.model(target_outer), draft.model(draft_outer)
             batch, out_length = state.last.shape[0], state.tokens.shape[1]
             index = jnp.arange(k + 1)
 

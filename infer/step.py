@@ -1,7 +1,7 @@
 """The decode step, and what every decoder in infer/ shares.
 
     decode_step(model, weights, tokens, positions, cache)   one step for a batch of rows over a KV cache
-    prefill(model, tokens, starts, lengths, cache, chunk)   whole prompts into a cache, in chunks
+    prefill(model, tokens, starts, lengths, cache, chunk, weights)   whole prompts into a cache, in chunks
     StepWeights / step_weights(model)                        each layer's weights and the LM head, made once
     OnMesh                                                   a model on an optional mesh: placement, context
 
@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from infer.sampling import RowSampling
+from infer.sampling import InferenceError, RowSampling
 from model.cache import KVCache, cache_sharding, constrain_cache, init_cache, kv_cache_dtype
 from model.config import ModelConfig
 from model.placement import place_params, put_params
@@ -57,23 +58,25 @@ def decode_step(model: Any, weights: StepWeights, tokens: jax.Array, positions: 
 
 
 def prefill(model: Any, tokens: jax.Array, starts: jax.Array, lengths: jax.Array, cache: KVCache, chunk: int,
-            layer_params: list | None = None) -> tuple[jax.Array, KVCache]:
+            weights: StepWeights | None = None) -> tuple[jax.Array, KVCache]:
     """Write new tokens into a cache, `chunk` at a time; each row's last new token's logits.
 
     tokens [batch, new] (right-padded): row b's tokens go to slots starts[b] .. starts[b] + lengths[b] - 1
     (slots before starts[b] already hold that row's earlier tokens). Only the last token's hidden state goes
-    through the LM head. -> (logits [batch, vocab], cache)."""
+    through the LM head. weights: `step_weights(model)`, made once (default: from the model's parameters).
+    -> (logits [batch, vocab], cache)."""
     batch, total = tokens.shape
     last = None
     for start in range(0, total, chunk):  # chunked prefill: a static loop over chunks
         size = min(chunk, total - start)
         positions = starts[:, None] + start + jnp.arange(size, dtype=jnp.int32)[None, :]
-        hidden, cache = model.with_cache(tokens[:, start:start + size], positions, cache, layer_params=layer_params)
+        hidden, cache = model.with_cache(tokens[:, start:start + size], positions, cache,
+                                         layer_params=weights.layers if weights is not None else None)
         index = lengths - 1 - start
         here = (index >= 0) & (index < size)
         picked = jnp.take_along_axis(hidden, jnp.clip(index, 0, size - 1)[:, None, None], axis=1)[:, 0]
         last = picked if last is None else jnp.where(here[:, None], picked, last)
-    return model.logits(last[:, None])[:, 0], cache
+    return model.logits(last[:, None], weights.head if weights is not None else None)[:, 0], cache
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -82,8 +85,9 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 class OnMesh:
-    """A model's parameters on one device or laid out on a mesh by a rules table, and what every decoder
-    (Decoder, Engine, SpeculativeDecoder) needs around that: batch shards, host arrays placed like the
+    """A model's parameters on one device or laid out on a mesh by a rules table (as `weights`, what the steps
+    read, and `outer`, the embedding and norms), and what every decoder (Decoder, Engine, SpeculativeDecoder)
+    needs around that: batch shards, host arrays placed like the
     batch, the activation-sharding context, new caches, and which token ids may be drawn.
 
     kv_cache: "auto" (keys and values in the model's compute dtype) or "int8" (model/cache.py's Int8KV)."""
@@ -98,8 +102,42 @@ class OnMesh:
         self.execution = self.model(placed).execution  # how the model runs (kept in its graph): compute dtype
         self.kv_cache = kv_cache
         self.cache_dtype = kv_cache_dtype(kv_cache, self.execution.compute_jnp_dtype)  # checks the name
-        self.params = placed
+        # each layer's weights as their own arrays and the LM head, made once (see StepWeights); the stacked
+        # arrays are dropped, so the weights are held once: `weights` and the rest (`outer`)
+        self.weights, self.outer = self.split(placed)
         self.allowed = None if allowed is None else self.put(_allowed_mask(allowed, config.vocab_size), ("vocab",))
+
+    @property
+    def params(self):
+        raise InferenceError(f"a {type(self).__name__} does not keep the stacked parameters a full forward pass "
+                             "needs (it holds each layer's weights separately, in .weights, and the rest in "
+                             ".outer); build the model from the parameters you gave it instead")
+
+    def split(self, placed: Any) -> tuple[StepWeights, Any]:
+        """(StepWeights, the parameters with the stacked layers replaced by empty placeholders): the weights are
+        held once, and the steps and prefills read `StepWeights`. A quantised model's tied head is quantised
+        here, once, not in every compiled call."""
+        # each layer's arrays laid out as the stacked ones are, less the `layers` dimension
+        specs = [P(*a.sharding.spec[1:]) if isinstance(a.sharding, NamedSharding) else None
+                 for a in jax.tree.leaves(placed["layers"])]
+
+        def make(p: Any) -> StepWeights:
+            weights = step_weights(self.model(p))
+            if self.mesh is None:
+                return weights
+            layers = [jax.tree.unflatten(jax.tree.structure(layer), [
+                a if s is None else jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, s))
+                for a, s in zip(jax.tree.leaves(layer), specs, strict=True)]) for layer in weights.layers]
+            return weights.replace(layers=layers)
+
+        with self.context():
+            weights = jax.jit(make)(placed)
+
+        def placeholder(x: jax.Array) -> jax.Array:
+            empty = np.zeros((0,), x.dtype)
+            return jax.device_put(empty) if self.mesh is None else jax.device_put(empty, named_sharding(self.mesh, ()))
+
+        return weights, dict(placed, layers=jax.tree.map(placeholder, placed["layers"]))
 
     @property
     def batch_shards(self) -> int:

@@ -157,7 +157,7 @@ def test_decode_on_a_mesh_equals_one_device(model, decoder):
               SamplingParams(max_new_tokens=9, temperature=0.7, seed=3, logprobs=5),
               SamplingParams(max_new_tokens=4, temperature=1.0, top_p=0.9, seed=4, logprobs=5)]
     one, many = decoder.generate_ids(prompts, params), sharded.generate_ids(prompts, params)
-    assert sharded.params["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert sharded.outer["embedding"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
     for a, b in zip(one, many, strict=True):
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)

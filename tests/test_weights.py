@@ -18,7 +18,7 @@ from infer.sampling import SamplingParams
 from model import get_preset, init_model, make_mesh
 from model.gguf import load_gguf, packaged_model_path
 from model.hf import WeightsError, load_hf, save_hf
-from model.placement import abstract_model, sharded_forward
+from model.placement import abstract_model, place_params, sharded_forward
 
 gguf = pytest.importorskip("gguf")
 try:
@@ -97,8 +97,7 @@ def test_logits_and_greedy_match_transformers_on_8_devices(smollm, reference):
     config, params, _ = smollm
     mesh = make_mesh({"data": 2, "tensor": 1, "fsdp": 4})  # kv_heads = 3: tensor parallelism cannot split them
     graphdef = nnx.split(abstract_model(config))[0]
-    decoder = Decoder(config, graphdef, params, mesh=mesh)  # places the parameters on the mesh, shard by shard
-    model = nnx.merge(graphdef, decoder.params)
+    model = nnx.merge(graphdef, place_params(params, config, mesh))  # on the mesh, shard by shard
     forward = sharded_forward(model, mesh)
     state = nnx.state(model)
     # the three prompts in one batch (right-padded: causal attention keeps each prompt's logits its own),
@@ -113,7 +112,7 @@ def test_logits_and_greedy_match_transformers_on_8_devices(smollm, reference):
         got = logits[row, :len(ids)]
         assert np.abs(got - want).max() <= 1e-3, kind
         np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1), err_msg=kind)
-    _check_greedy(decoder, reference)
+    _check_greedy(Decoder(config, graphdef, params, mesh=mesh), reference)
 
 
 def test_hugging_face_directory_round_trip_is_exact(smollm, tmp_path):
