@@ -157,6 +157,13 @@ def _load(args: argparse.Namespace, mesh=None):
 
         # a quantised checkpoint in another format is dequantised first; in its own format it stays as it is
         loaded = dataclasses.replace(loaded, params=quantize_params(loaded.params, *parse_format(quantize)))
+    activations = getattr(args, "activations", None)
+    if activations:  # what the quantised matmuls do with activations (default: the weights' own, int8)
+        import dataclasses
+
+        from model.quant import with_activations
+
+        loaded = dataclasses.replace(loaded, params=with_activations(loaded.params, activations))
     return loaded
 
 
@@ -612,6 +619,9 @@ def _quantize_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--quantize", default=None, metavar="FORMAT", help=what + "int8 (per channel), "
                    "int4[:32|64|128] (groups along the contraction), q8_0, q4_0, q4_1; or keep: a GGUF's Q8_0/Q4_0/"
                    "Q4_1 blocks as they are, with no float copy (a quantised checkpoint always loads as it is)")
+    p.add_argument("--activations", default=None, choices=["int8", "float"], help="what quantised matmuls do with "
+                   "their activations: int8 (the default: quantised per block of 32, integer dot products on CPU) or "
+                   "float (weight-only quantisation)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:

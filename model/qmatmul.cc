@@ -10,8 +10,16 @@
 //   y[m, n] += scale[g, n] * sum_k x[m, k] * code[k, n]  +  offset[g, n] * sum_k x[m, k]     (k in group g)
 //
 // (q4_0 has no offset array: its codes are n - 8, so the second term is -8 * scale[g, n] * sum_k x[m, k].)
-// The codes are turned into floats in registers and never written out: the weight is read once, in its
-// quantised bytes, which is the point when a decode step is bound by memory bandwidth.
+// The weight is read once, in its quantised bytes, which is the point when a decode step is bound by memory
+// bandwidth. Two paths:
+//   - int8 activations (the default; model/quant.py): each row of x is quantised once per call, in blocks of
+//     32 along K (d = max |x| * (1 / 127), codes round(x * (1 / d))), and the products of codes are summed
+//     exactly in int32 per block, then scaled by d and the weight's scale. On AVX-512 VNNI, `vpdpbusd` adds
+//     4 byte products per 32-bit lane; 4 weight rows are interleaved in registers so that a lane holds one
+//     column's 4 rows. Its operand must be unsigned, so int8 codes are flipped to w + 128 and 128 * sum(x codes)
+//     is taken off. On AVX2, `vpmaddubsw` then `vpmaddwd`, int8 codes taken as |w| times x with w's sign so
+//     that no 16-bit pair sum saturates.
+//   - float activations: the codes are turned into floats in registers and never written out.
 //
 // Work is split by column tiles over XLA's intra-op thread pool. Within a tile a few rows of x share each
 // loaded weight vector (register blocking). One portable source, written with GCC/Clang vector types, is
@@ -20,7 +28,8 @@
 // baseline build (SSE2 on x86-64), slower but the same arithmetic.
 //
 // Requirements, checked by the caller (model/qkernel.py) and again here: float32 x and y, N a multiple of
-// 16, K a multiple of the group, an even group for 4-bit codes.
+// 16, K a multiple of the group, an even group for 4-bit codes; for int8 activations, K and the group
+// multiples of 32. MESHLM_QKERNEL_ISA=avx2|baseline caps the build (tests run each build on one CPU).
 
 #include <algorithm>
 #include <cmath>
@@ -537,7 +546,7 @@ struct Build {
   const char* name;
 };
 
-// MESHLM_QKERNEL_ISA=avx512|avx2|baseline caps the build (tests run every build this CPU can on it).
+// MESHLM_QKERNEL_ISA=avx2|baseline caps the build (tests run every build this CPU can on it).
 Build pick_build() {
   const char* cap_env = std::getenv("MESHLM_QKERNEL_ISA");
   const std::string cap = cap_env ? cap_env : "";

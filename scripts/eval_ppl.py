@@ -60,6 +60,9 @@ def main() -> int:
                         help="also score the model with its matmul weights quantised (model/quant.py; or bfloat16: "
                              "every weight stored in bfloat16), each format against the float weights: KL and top-1 "
                              "agreement over the same tokens")
+    parser.add_argument("--activations", nargs="*", default=["int8"], choices=["int8", "float"],
+                        help="what the quantised matmuls do with activations (model/quant.py): each --quantize format "
+                             "is scored with each of these")
     parser.add_argument("--kv-cache", nargs="*", default=[], metavar="FORMAT", choices=["int8"],
                         help="also score the float weights through a KV cache of each format (model/cache.py), "
                              "against a float32 cache through the same path")
@@ -121,17 +124,19 @@ def main() -> int:
     scored = n_windows * (window - 1)
     # (weights, their parameters, KV cache or None for the plain forward pass, the reference's KV cache)
     variants = [("float32", params, None, None)]
-    def weights(f: str):
+    def weights(f: str, activations: str):
         if f == "bfloat16":  # every weight stored in bfloat16 (computed in float32)
             return jax.tree.map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                 params)
-        return quantize_params(params, *parse_format(f))
+        return quantize_params(params, *parse_format(f), activations=activations)
 
-    variants += [(f, weights(f), None, None) for f in args.quantize]
+    for f in args.quantize:
+        for a in (["int8"] if f == "bfloat16" else args.activations):
+            variants.append((f if f == "bfloat16" else f"{f}, x {a}", weights(f, a), None, None))
     if args.kv_cache:
         variants += [("float32", params, kv, "auto") for kv in ["auto", *args.kv_cache]]
     results = []
-    print(f"{'model':<34} {'weights':<8} {'KV cache':<8} {'tokens':>7} {'window':>6} {'nll/token':>9} "
+    print(f"{'model':<34} {'weights':<16} {'KV cache':<8} {'tokens':>7} {'window':>6} {'nll/token':>9} "
           f"{'perplexity':>10} {'KL to f32':>9} {'top-1 =':>7} {'seconds':>7}")
     compute_dtype = nnx.merge(graphdef, params).execution.compute_jnp_dtype
     for name, variant, kv, reference_kv in variants:
@@ -151,7 +156,7 @@ def main() -> int:
                   "machine": f"{platform.machine()}, {os.cpu_count()} cores",
                   "command": " ".join(["python", *sys.argv])}
         results.append(result)
-        print(f"{os.path.basename(loaded.source)[:34]:<34} {name:<8} {cache:<8} {scored:>7} {window:>6} {mean:>9.4f} "
+        print(f"{os.path.basename(loaded.source)[:34]:<34} {name:<16} {cache:<8} {scored:>7} {window:>6} {mean:>9.4f} "
               f"{np.exp(mean):>10.3f} {result['kl_to_float32']:>9.5f} {result['top1_agreement']:>7.2%} "
               f"{seconds:>7.1f}")
     with open(args.out, "w") as f:
