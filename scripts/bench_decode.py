@@ -14,7 +14,9 @@ draft: same tokenizer, no extra weights), with random weights a random model of 
 Memory-bandwidth bound for batch-1 decode: every step reads all weights once, so tokens/s <= bandwidth /
 weight bytes; the bandwidth is measured in the same run (the best of a few reductions over 1 GiB).
 llama.cpp runs the GGUF's Q4_1 weights (about a seventh of float32's bytes), meshlm and transformers the
-dequantised float32 ones. --kv-cache auto,int8: the first format runs everything above; with more than one,
+dequantised float32 ones; with several --quantize formats, llama.cpp's batch-1 decode also takes a turn in
+their batch-1 rounds, so that a machine whose speed drifts slows both alike. --kv-cache auto,int8: the first
+format runs everything above; with more than one,
 each batch's decode is also timed for every format in turn, in the same process (rounds alternate between
 formats, best round kept), so that a busy machine slows them alike.
 """
@@ -153,13 +155,25 @@ def bench_meshlm(args) -> tuple[dict, object]:
             prefill_of(d)  # compile
         times = [[prefill_of(d) for _, d, _ in made] for _ in range(3)]
         prefills = [min(t) for t in zip(*times, strict=True)]
+        # batch 1: llama.cpp's batch-1 decode takes its turn in the same rounds (a machine whose speed drifts
+        # slows both alike)
+        llm, _ = llama_cpp_model(args) if 1 in args.batches else (None, None)
+        if llm is not None:
+            llama_cpp_decode(llm, args)  # warm up
         for batch in args.batches:
             for _, d, _ in made[1:]:
                 decode(d, batch)  # compile
-            times = [[decode(d, batch) for _, d, _ in made] for _ in range(3)]
-            for (f, d, read), seconds, pre in zip(made, zip(*times, strict=True), prefills, strict=True):
+            rounds, llama = [], []
+            for _ in range(3):
+                rounds.append([decode(d, batch) for _, d, _ in made])
+                if batch == 1 and llm is not None:
+                    llama.append(llama_cpp_decode(llm, args))
+            for (f, d, read), seconds, pre in zip(made, zip(*rounds, strict=True), prefills, strict=True):
                 out["formats"].append({"quantize": f, "weight_bytes_read": read,
                                        "prefill_tokens_per_s": args.prefill_len / pre, **row(d, batch, min(seconds))})
+            if llama:
+                out["llama_cpp_alternating"] = {"batch": 1, "seconds": min(llama),
+                                                "tokens_per_s": args.new_tokens / min(llama)}
 
     out["kv_caches"] = []  # each batch's decode with every --kv-cache format, rounds alternating between them
     if len(args.kv_cache) > 1:
@@ -223,6 +237,29 @@ def bench_transformers(config, args) -> dict | str:
             out["decode"].append({"batch": batch, "seconds": seconds,
                                   "tokens_per_s": batch * args.new_tokens / seconds})
     return out
+
+
+def llama_cpp_model(args):
+    """(llama_cpp.Llama on the GGUF, None) or (None, why not)."""
+    if args.weights != "smollm2":
+        return None, "skipped (needs the GGUF: --weights smollm2)"
+    try:
+        import llama_cpp
+    except ImportError:
+        return None, "llama-cpp-python not installed (pip install llama-cpp-python; compiles for a few minutes)"
+    return llama_cpp.Llama(model_path=args.gguf, n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=os.cpu_count(),
+                           verbose=False, n_batch=args.prompt_len + args.new_tokens), None
+
+
+def llama_cpp_decode(llm, args) -> float:
+    """Seconds of --new-tokens greedy batch-1 steps by llama.cpp after a --prompt-len prompt."""
+    ids = prompts(llm.n_vocab(), 1, args.prompt_len, seed=1)[0]
+    llm.reset()
+    llm.eval(ids)
+    start = time.perf_counter()
+    for _ in range(args.new_tokens):  # greedy, one token per eval, as a decode loop does
+        llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+    return time.perf_counter() - start
 
 
 def bench_llama_cpp(args) -> dict | str:
@@ -328,6 +365,11 @@ def main() -> int:
         for row in ours["formats"]:
             print(f"{row['batch']:>5} {row['quantize']:>8} {row['weight_bytes_read'] / 1e6:>8.0f} "
                   f"{row['prefill_tokens_per_s']:>13,.0f} {row['tokens_per_s']:>8,.1f} {row['step_ms']:>8.1f}")
+        if "llama_cpp_alternating" in ours:
+            llama = ours["llama_cpp_alternating"]["tokens_per_s"]
+            print(f"    1 llama.cpp (Q4_1, in the same rounds) {llama:>14,.1f}; "
+                  + ", ".join(f"{r['quantize']} {r['tokens_per_s'] / llama:.2f}x" for r in ours["formats"]
+                              if r["batch"] == 1))
     if ours["kv_caches"]:
         print(f"{'batch':>5} {'KV cache':>8} {'tok/s':>8} {'step ms':>8} {'KV bytes':>10}  (rounds alternating)")
         for row in ours["kv_caches"]:
