@@ -240,15 +240,17 @@ def bench_transformers(config, args) -> dict | str:
 
 
 def llama_cpp_model(args):
-    """(llama_cpp.Llama on the GGUF, None) or (None, why not)."""
+    """(llama_cpp.Llama on the GGUF, None) or (None, why not); its context and batch hold a --prefill-len
+    prompt or a --prompt-len prompt and its --new-tokens (scores: n_batch rows)."""
     if args.weights != "smollm2":
         return None, "skipped (needs the GGUF: --weights smollm2)"
     try:
         import llama_cpp
     except ImportError:
         return None, "llama-cpp-python not installed (pip install llama-cpp-python; compiles for a few minutes)"
-    return llama_cpp.Llama(model_path=args.gguf, n_ctx=args.prompt_len + args.new_tokens + 8, n_threads=os.cpu_count(),
-                           verbose=False, n_batch=args.prompt_len + args.new_tokens), None
+    tokens = max(args.prefill_len, args.prompt_len + args.new_tokens)
+    return llama_cpp.Llama(model_path=args.gguf, n_ctx=tokens + 8, n_threads=os.cpu_count(), verbose=False,
+                           n_batch=tokens), None
 
 
 def llama_cpp_decode(llm, args) -> float:
@@ -264,15 +266,11 @@ def llama_cpp_decode(llm, args) -> float:
 
 def bench_llama_cpp(args) -> dict | str:
     """llama-cpp-python on the GGUF: prefill of --prefill-len tokens and batch-1 greedy decode."""
-    if args.weights != "smollm2":
-        return "skipped (needs the GGUF: --weights smollm2)"
-    try:
-        import llama_cpp
-    except ImportError:
-        return "llama-cpp-python not installed (pip install llama-cpp-python; compiles for a few minutes)"
-    llm = llama_cpp.Llama(model_path=args.gguf, n_ctx=max(args.prefill_len, args.prompt_len + args.new_tokens) + 8,
-                          n_threads=os.cpu_count(), verbose=False,
-                          n_batch=max(args.prefill_len, args.prompt_len + args.new_tokens))  # scores: n_batch rows
+    llm, why = llama_cpp_model(args)
+    if llm is None:
+        return why
+    import llama_cpp
+
     out = {"llama_cpp_python": llama_cpp.__version__}
     long = prompts(llm.n_vocab(), 1, args.prefill_len)[0]
 
@@ -282,18 +280,8 @@ def bench_llama_cpp(args) -> dict | str:
 
     out["prefill_s"] = best(prefill)
     out["prefill_tokens_per_s"] = args.prefill_len / out["prefill_s"]
-    ids = prompts(llm.n_vocab(), 1, args.prompt_len, seed=1)[0]
-
-    def decode():
-        llm.reset()
-        llm.eval(ids)
-        start = time.perf_counter()
-        for _ in range(args.new_tokens):  # greedy, one token per eval, as a decode loop does
-            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
-        return time.perf_counter() - start
-
-    decode()
-    seconds = min(decode() for _ in range(2))
+    llama_cpp_decode(llm, args)
+    seconds = min(llama_cpp_decode(llm, args) for _ in range(2))
     out["decode"] = [{"batch": 1, "seconds": seconds, "tokens_per_s": args.new_tokens / seconds}]
     return out
 
