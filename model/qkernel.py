@@ -32,6 +32,7 @@ from model.quant import ACTIVATION_BLOCK, QuantizedWeight, dequantize, int8_acti
 from model.sharding import active_mesh, logical_to_spec, rules_on
 
 TARGET = "meshlm_qmatmul"
+ATTENTION_TARGET = "meshlm_attention"  # model/attention.cc, in the same library (model/attention_kernel.py)
 MAX_ROWS = 64  # decode and verification steps; above this, dequantise-then-dot (docs/BENCHMARKS.md)
 KINDS = {"int8": 0, "q8_0": 0, "int4": 1, "q4_1": 1, "q4_0": 2}  # model/qmatmul.cc's Kind
 
@@ -55,6 +56,7 @@ def _load() -> str | None:
         return None
     library = ctypes.CDLL(path)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.MeshlmQMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(library.MeshlmAttention), platform="cpu")
     library.MeshlmQMatmulBuild.restype = ctypes.c_char_p
     return library.MeshlmQMatmulBuild().decode()
 

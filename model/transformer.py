@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model import attention_kernel
 from model.cache import Int8KV, KVCache, constrain_cache, quantize_kv
 from model.config import Execution, ModelConfig
 from model.pipeline import pipelined
@@ -193,7 +194,7 @@ class Attention(nnx.Module):
             out = grouped_query_attention(q, k, v, mask, causal=True)  # [batch, length, heads, head_dim]
         else:
             cache = cache.write(k, v)
-            out = cached_attention(q, *cache.keys_values(), mask)
+            out = cache.attend(q, positions, mask)
         out = _project(out, self.wo, self.dtype, "blhk,hkd->bld")
         return constrain(out, ("batch", "length", "act_embed")), cache
 
@@ -223,6 +224,17 @@ class LayerCache:
             return arrays[:self.layer] + (updated,) + arrays[self.layer + 1:]
 
         return LayerCache(KVCache(put(self.cache.k, k), put(self.cache.v, v)), self.layer, self.starts, self.visible)
+
+    def attend(self, q: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """This layer's attention of q [batch, length, heads, head_dim] at `positions` [batch, length] over its
+        cache (mask: `positions` as with_cache makes it): by the CPU kernel (model/attention_kernel.py) where it
+        applies, which reads each row only as far as its queries see, else `cached_attention`."""
+        reference = lambda: cached_attention(q, *self.keys_values(), mask)  # noqa: E731
+        k, v = constrain_cache((self.cache.k[self.layer], self.cache.v[self.layer]))
+        if not attention_kernel.applies(q, k):
+            return reference()
+        visible = k.shape[2] if self.visible is None else self.visible
+        return attention_kernel.cached_attention(q, k, v, positions, visible, reference)
 
     def keys_values(self) -> tuple[jax.Array | Int8KV, jax.Array | Int8KV]:
         k, v = self.cache.k[self.layer], self.cache.v[self.layer]
