@@ -3,15 +3,16 @@ called from jitted code as an XLA custom call (jax.ffi).
 
 Why a kernel: XLA:CPU turns an int8 or 4-bit weight into a float32 copy before each dot (or, at some shapes,
 converts it inside a slow loop), so a quantised decode step reads and writes more bytes than a float32 one
-(docs/BENCHMARKS.md, the matmul micro-benchmark). The kernel reads the quantised bytes once and turns them
-into floats in registers.
+(docs/BENCHMARKS.md, the matmul micro-benchmark). The kernel reads the quantised bytes once. With int8
+activations (the default) it quantises x per block of 32 and multiplies integers by integers; with float
+activations it turns the codes into floats in registers.
 
-It is used only where it applies and pays: on CPU (`jax.lax.platform_dependent`; GPU and TPU keep the
-pure-JAX path, where XLA fuses the dequantisation into the dot), for float32 compute, at most MAX_ROWS rows
-of activations (decode steps; a long prefill is compute bound and XLA's float32 dot is faster there), and
-output widths that are a multiple of 16. The pure-JAX path (`model.quant.dequantize` then a dot) is the
-reference the tests hold it to. `MESHLM_QKERNEL=off` turns it off; without a compiler at install time the
-library is missing and everything runs the reference path.
+It is used where it applies: on CPU (`jax.lax.platform_dependent`; GPU and TPU keep the pure-JAX path, where
+XLA fuses the dequantisation into the dot), for float32 compute, at most MAX_ROWS rows of activations (decode
+and verification steps and prefill chunks; a whole-sequence forward, as in training or perplexity, takes the
+pure-JAX path), and output widths that are a multiple of 16. The pure-JAX path (`model.quant.dequantize`
+then a dot) is the reference the tests hold it to. `MESHLM_QKERNEL=off` turns it off; without a compiler at
+install time the library is missing and everything runs the reference path.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from model.sharding import active_mesh, logical_to_spec, rules_on
 
 TARGET = "meshlm_qmatmul"
 ATTENTION_TARGET = "meshlm_attention"  # model/attention.cc, in the same library (model/attention_kernel.py)
-MAX_ROWS = 64  # decode and verification steps; above this, dequantise-then-dot (docs/BENCHMARKS.md)
+# Rows up to which the kernel runs: it beat dequantise-then-dot at every M measured up to 1024 (1.3-3.6x at
+# M = 128, 1.3-1.4x at 1024, int4 and int8; docs/BENCHMARKS.md), so prefill chunks (default 512) take it too.
+MAX_ROWS = 1024
 KINDS = {"int8": 0, "q8_0": 0, "int4": 1, "q4_1": 1, "q4_0": 2}  # model/qmatmul.cc's Kind
 
 

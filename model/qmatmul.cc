@@ -267,15 +267,18 @@ struct Avx2Int {
 };
 #endif
 
-// A task: rows k0 .. k1 - 1 of the weight (whole groups for 4-bit codes) times the same rows of x, for
-// columns n0 .. n1 - 1, added into `out` ([M, N], y itself or a partial sum that is added to y at the end).
+// A task: rows k0 .. k1 - 1 of the weight (whole groups for 4-bit codes) times the same rows of x's rows m0 ..
+// m1 - 1, for columns n0 .. n1 - 1, added into `out` ([M, N], y itself or a partial sum that is added to y at
+// the end).
 struct Task {
   int64_t k0, k1, n0, n1;
   float* out;
+  int64_t m0, m1;
 };
 
 constexpr int kRows = 4;            // rows of x that share each converted weight vector
-constexpr int64_t kPanel = 512;     // columns per task when M > kRows (compute bound: tasks by columns)
+constexpr int64_t kPanel = 512;     // columns per task at most when M > kRows (compute bound: tasks by columns)
+constexpr int64_t kUnit = 64;       // ... in whole vectors of the widest build (AVX-512: 64 columns)
 constexpr int64_t kStream = 4096;   // columns per pass when M <= kRows (bandwidth bound: tasks by rows)
 
 // Rows m0 .. m0 + MB - 1 of x against weight rows k0 .. k1 - 1, columns n0 .. n0 + width - 1 (a multiple of 16),
@@ -370,9 +373,9 @@ inline void run_task(const Problem& p, const Task& task) {
   t_buffer.resize(kRows * std::min(wide, p.n));
   for (int64_t n0 = task.n0; n0 < task.n1; n0 += wide) {
     const int64_t width = std::min(wide, task.n1 - n0);
-    int64_t m0 = 0;
-    for (; m0 + kRows <= p.m; m0 += kRows) panel<Isa, kRows>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data());
-    switch (p.m - m0) {
+    int64_t m0 = task.m0;
+    for (; m0 + kRows <= task.m1; m0 += kRows) panel<Isa, kRows>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data());
+    switch (task.m1 - m0) {
       case 3: panel<Isa, 3>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data()); break;
       case 2: panel<Isa, 2>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data()); break;
       case 1: panel<Isa, 1>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data()); break;
@@ -501,9 +504,9 @@ inline void run_task_int(const Problem& p, const Task& task) {
   t_buffer.resize(R * std::min(wide, p.n));
   for (int64_t n0 = task.n0; n0 < task.n1; n0 += wide) {
     const int64_t width = std::min(wide, task.n1 - n0);
-    int64_t m0 = 0;
-    for (; m0 + R <= p.m; m0 += R) panel_int<Isa, R, Int8>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data());
-    switch (p.m - m0) {
+    int64_t m0 = task.m0;
+    for (; m0 + R <= task.m1; m0 += R) panel_int<Isa, R, Int8>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data());
+    switch (task.m1 - m0) {
       case 3: panel_int<Isa, 3, Int8>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data()); break;
       case 2: panel_int<Isa, 2, Int8>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data()); break;
       case 1: panel_int<Isa, 1, Int8>(p, m0, task.k0, task.k1, n0, width, task.out, t_buffer.data()); break;
@@ -663,10 +666,20 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
     if (splits > 1) shared->partial.assign((splits - 1) * m * n, 0.0f);
     for (int64_t i = 0; i < splits; ++i) {
       const int64_t k0 = units * i / splits * per, k1 = i + 1 == splits ? k : units * (i + 1) / splits * per;
-      shared->tasks.push_back({k0, k1, 0, n, i == 0 ? out : shared->partial.data() + (i - 1) * m * n});
+      shared->tasks.push_back({k0, k1, 0, n, i == 0 ? out : shared->partial.data() + (i - 1) * m * n, 0, m});
     }
-  } else {  // compute bound: tasks by panels of columns, all rows
-    for (int64_t n0 = 0; n0 < n; n0 += kPanel) shared->tasks.push_back({0, k, n0, std::min(n, n0 + kPanel), out});
+  } else {  // compute bound: tasks by panels of columns (whole vectors, at most kPanel wide) and blocks of rows
+    // Panels alone leave threads idle where N has few panels (576 columns: 512 + 64; 192: one), so rows are
+    // split too until there are about 4 tasks per thread, as equal as whole vectors and blocks of rows allow.
+    const int64_t units = (n + kUnit - 1) / kUnit, panels = (units * kUnit + kPanel - 1) / kPanel;
+    const int64_t row_blocks = (m + kRows - 1) / kRows;
+    const int64_t chunks = std::min(row_blocks, std::max<int64_t>(1, (4 * threads + panels - 1) / panels));
+    for (int64_t i = 0; i < panels; ++i) {
+      const int64_t n0 = units * i / panels * kUnit, n1 = std::min(n, units * (i + 1) / panels * kUnit);
+      for (int64_t j = 0; j < chunks; ++j)
+        shared->tasks.push_back({0, k, n0, n1, out, row_blocks * j / chunks * kRows,
+                                 std::min(m, row_blocks * (j + 1) / chunks * kRows)});
+    }
   }
   const int64_t total = static_cast<int64_t>(shared->tasks.size());
   const int64_t helpers = std::min(threads, total - 1);
