@@ -9,10 +9,10 @@ activations it turns the codes into floats in registers.
 
 It is used where it applies: on CPU (`jax.lax.platform_dependent`; GPU and TPU keep the pure-JAX path, where
 XLA fuses the dequantisation into the dot), for float32 compute, at most MAX_ROWS rows of activations (decode
-and verification steps and prefill chunks; a whole-sequence forward, as in training or perplexity, takes the
-pure-JAX path), and output widths that are a multiple of 16. The pure-JAX path (`model.quant.dequantize`
-then a dot) is the reference the tests hold it to. `MESHLM_QKERNEL=off` turns it off; without a compiler at
-install time the library is missing and everything runs the reference path.
+and verification steps and short prefill chunks; longer ones, and whole-sequence forwards as in training or
+perplexity, take the pure-JAX path), and output widths that are a multiple of 16. The pure-JAX path
+(`model.quant.dequantize` then a dot) is the reference the tests hold it to. `MESHLM_QKERNEL=off` turns it
+off; without a compiler at install time the library is missing and everything runs the reference path.
 """
 
 from __future__ import annotations
@@ -34,9 +34,12 @@ from model.sharding import active_mesh, logical_to_spec, rules_on
 
 TARGET = "meshlm_qmatmul"
 ATTENTION_TARGET = "meshlm_attention"  # model/attention.cc, in the same library (model/attention_kernel.py)
-# Rows up to which the kernel runs: it beat dequantise-then-dot at every M measured up to 1024 (1.3-3.6x at
-# M = 128, 1.3-1.4x at 1024, int4 and int8; docs/BENCHMARKS.md), so prefill chunks (default 512) take it too.
-MAX_ROWS = 1024
+# Rows up to which the kernel runs: decode and verification steps, and prefill chunks up to 128 rows (the
+# serving engine's prompt buckets), where it beat dequantise-then-dot in the model (an engine prefill of 100
+# tokens: 245 -> 220 ms, int4). At 512 rows XLA's dot of the dequantised weight was faster in the model (a
+# 512-token prefill, int8: 451 tokens/s against 393 with the kernel), though not in the matmul
+# micro-benchmark, whose weights stay in this machine's L3 (docs/BENCHMARKS.md).
+MAX_ROWS = 128
 KINDS = {"int8": 0, "q8_0": 0, "int4": 1, "q4_1": 1, "q4_0": 2}  # model/qmatmul.cc's Kind
 
 
