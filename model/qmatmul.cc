@@ -21,8 +21,9 @@
 //     that no 16-bit pair sum saturates.
 //   - float activations: the codes are turned into floats in registers and never written out.
 //
-// Work is split by column tiles over XLA's intra-op thread pool. Within a tile a few rows of x share each
-// loaded weight vector (register blocking). One portable source, written with GCC/Clang vector types, is
+// Work is split into tasks over XLA's intra-op thread pool: up to 4 rows of x (bandwidth bound), by stretches
+// of K whose partial sums are added; above that, by panels of columns times blocks of rows, about 4 tasks
+// per thread. Within a panel a few rows of x share each loaded weight vector (register blocking). One portable source, written with GCC/Clang vector types, is
 // compiled three times: for AVX-512 (64 columns x 4 rows per tile), AVX2 + FMA (16 x 4) and the x86-64 or
 // other baseline (16 x 2); the widest the CPU has is picked once at run time. A CPU without AVX2 runs the
 // baseline build (SSE2 on x86-64), slower but the same arithmetic.
