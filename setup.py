@@ -18,7 +18,7 @@ def jaxlib_include() -> str:
 
 setup(ext_modules=[Extension(
     "model._qmatmul", ["model/qmatmul.cc", "model/attention.cc"], include_dirs=[jaxlib_include()], language="c++",
-    optional=True,
+    optional=True, depends=["model/workers.h"],
     # -O3 for the vector loops; the instruction sets are chosen per function in the source (AVX-512, AVX2,
     # baseline) and at run time, so the library runs on any x86-64 CPU, not only on the one that built it
     extra_compile_args=["-O3", "-std=gnu++17", "-Wno-psabi", "-Wno-return-type", "-Wno-attributes"],

@@ -38,6 +38,7 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "workers.h"
 
 namespace ffi = xla::ffi;
 
@@ -306,8 +307,9 @@ const Build& build() {
   return chosen;
 }
 
-// Tasks go out one at a time from a shared counter to the calling thread and to functions scheduled on XLA's
-// intra-op pool; the caller waits until every task is done (a function that starts late finds none left).
+// Tasks go out one at a time from a shared counter to the calling thread and the kernels' helper threads
+// (workers.h), or, while another call holds those, to functions scheduled on XLA's intra-op pool; the caller
+// waits until every task is done (a function that starts late finds none left).
 struct Shared {
   Problem problem;
   int64_t total = 0;
@@ -348,10 +350,17 @@ ffi::Error attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuff
                             positions.typed_data(), out->typed_data(), batch, length, heads, kv_heads, cache, dim,
                             std::min(visible, cache), scale, int8};
   shared->total = batch * kv_heads;
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), shared->total - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { work(shared.get()); });
-  work(shared.get());
-  while (shared->done.load(std::memory_order_acquire) < shared->total) std::this_thread::yield();
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const auto one = +[](void* context, int64_t i) {
+    const Shared* s = static_cast<const Shared*>(context);
+    build().run(s->problem, i);
+  };
+  if (shared->total < 2 || threads < 2 || !meshlm::Workers::get(threads)->run(shared->total, one, shared.get())) {
+    const int64_t helpers = std::min<int64_t>(threads, shared->total - 1);  // helpers busy (or none): XLA's pool
+    for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { work(shared.get()); });
+    work(shared.get());
+    while (shared->done.load(std::memory_order_acquire) < shared->total) std::this_thread::yield();
+  }
   return ffi::Error::Success();
 }
 

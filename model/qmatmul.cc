@@ -48,6 +48,7 @@
 #endif
 
 #include "xla/ffi/api/ffi.h"
+#include "workers.h"
 
 namespace ffi = xla::ffi;
 
@@ -575,8 +576,9 @@ const Build& build() {
   return chosen;
 }
 
-// Tasks are handed out one at a time from a shared counter to the calling thread and to tasks scheduled on
-// XLA's intra-op pool. The caller waits until every task is done (not until every scheduled function has run:
+// Tasks are handed out one at a time from a shared counter to the calling thread and the kernels' helper
+// threads (workers.h), or, while another call holds those, to tasks scheduled on XLA's intra-op pool. The
+// caller waits until every task is done (not until every scheduled function has run:
 // one that starts late finds nothing left and only touches `Shared`, which it co-owns).
 struct Shared {
   Problem problem;
@@ -683,10 +685,16 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
     }
   }
   const int64_t total = static_cast<int64_t>(shared->tasks.size());
-  const int64_t helpers = std::min(threads, total - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([shared] { work(shared.get()); });
-  work(shared.get());
-  while (shared->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+  const auto one = +[](void* context, int64_t i) {
+    const Shared* s = static_cast<const Shared*>(context);
+    (s->problem.qx ? build().run_int : build().run)(s->problem, s->tasks[i]);
+  };
+  if (total < 2 || threads < 2 || !meshlm::Workers::get(threads)->run(total, one, shared.get())) {
+    const int64_t helpers = std::min(threads, total - 1);  // helpers busy (or none): XLA's pool
+    for (int64_t h = 0; h < helpers; ++h) pool.Schedule([shared] { work(shared.get()); });
+    work(shared.get());
+    while (shared->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+  }
   for (int64_t i = 1; i < splits; ++i) {  // the other splits' partial sums
     const float* part = shared->partial.data() + (i - 1) * m * n;
     for (int64_t j = 0; j < m * n; ++j) out[j] += part[j];
