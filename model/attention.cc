@@ -307,24 +307,6 @@ const Build& build() {
   return chosen;
 }
 
-// Tasks go out one at a time from a shared counter to the calling thread and the kernels' helper threads
-// (workers.h), or, while another call holds those, to functions scheduled on XLA's intra-op pool; the caller
-// waits until every task is done (a function that starts late finds none left).
-struct Shared {
-  Problem problem;
-  int64_t total = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void work(Shared* s) {
-  const Build& b = build();
-  for (int64_t i; (i = s->next.fetch_add(1, std::memory_order_relaxed)) < s->total;) {
-    b.run(s->problem, i);
-    s->done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                      ffi::Buffer<ffi::F32> k_scale, ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> positions,
                      ffi::ResultBuffer<ffi::F32> out, float scale, int64_t visible) {
@@ -344,23 +326,12 @@ ffi::Error attention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuff
   if (int8 && (k_scale.element_count() != static_cast<size_t>(batch * kv_heads * cache) ||
                v_scale.element_count() != k_scale.element_count()))
     return ffi::Error::InvalidArgument("meshlm_attention: an int8 cache needs a scale per row, kv head and position");
-  auto shared = std::make_shared<Shared>();
-  shared->problem = Problem{q.typed_data(), k.untyped_data(), v.untyped_data(),
-                            int8 ? k_scale.typed_data() : nullptr, int8 ? v_scale.typed_data() : nullptr,
-                            positions.typed_data(), out->typed_data(), batch, length, heads, kv_heads, cache, dim,
-                            std::min(visible, cache), scale, int8};
-  shared->total = batch * kv_heads;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const auto one = +[](void* context, int64_t i) {
-    const Shared* s = static_cast<const Shared*>(context);
-    build().run(s->problem, i);
-  };
-  if (shared->total < 2 || threads < 2 || !meshlm::Workers::get(threads)->run(shared->total, one, shared.get())) {
-    const int64_t helpers = std::min<int64_t>(threads, shared->total - 1);  // helpers busy (or none): XLA's pool
-    for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { work(shared.get()); });
-    work(shared.get());
-    while (shared->done.load(std::memory_order_acquire) < shared->total) std::this_thread::yield();
-  }
+  Problem problem{q.typed_data(), k.untyped_data(), v.untyped_data(),
+                        int8 ? k_scale.typed_data() : nullptr, int8 ? v_scale.typed_data() : nullptr,
+                        positions.typed_data(), out->typed_data(), batch, length, heads, kv_heads, cache, dim,
+                        std::min(visible, cache), scale, int8};
+  const auto one = +[](void* context, int64_t task) { build().run(*static_cast<const Problem*>(context), task); };
+  meshlm::parallel_for(pool, batch * kv_heads, one, &problem);  // one task per (row, kv head)
   return ffi::Error::Success();
 }
 

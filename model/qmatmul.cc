@@ -576,26 +576,12 @@ const Build& build() {
   return chosen;
 }
 
-// Tasks are handed out one at a time from a shared counter to the calling thread and the kernels' helper
-// threads (workers.h), or, while another call holds those, to tasks scheduled on XLA's intra-op pool. The
-// caller waits until every task is done (not until every scheduled function has run:
-// one that starts late finds nothing left and only touches `Shared`, which it co-owns).
-struct Shared {
+// A call's problem and tasks (model/workers.h's parallel_for hands the tasks out).
+struct Call {
   Problem problem;
   std::vector<Task> tasks;
   std::vector<float> partial;  // [splits - 1, M, N] when tasks split K
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
 };
-
-void work(Shared* s) {
-  const Build& b = build();
-  const int64_t total = static_cast<int64_t>(s->tasks.size());
-  for (int64_t i; (i = s->next.fetch_add(1, std::memory_order_relaxed)) < total;) {
-    (s->problem.qx ? b.run_int : b.run)(s->problem, s->tasks[i]);
-    s->done.fetch_add(1, std::memory_order_release);
-  }
-}
 
 ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> y,
@@ -653,10 +639,10 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
         xsum[r * groups + g] = s;
       }
   }
-  auto shared = std::make_shared<Shared>();
+  Call call;
   float* out = y->typed_data();
   std::memset(out, 0, m * n * sizeof(float));
-  shared->problem = Problem{x.typed_data(), codes.untyped_data(), scale.typed_data(),
+  call.problem = Problem{x.typed_data(), codes.untyped_data(), scale.typed_data(),
                             with_offset ? offset.typed_data() : nullptr, nibbles ? xsum.data() : nullptr,
                             out, m, k, n, group, kind,
                             int8_activations ? x_codes.data() : nullptr, int8_activations ? x_scale.data() : nullptr,
@@ -666,10 +652,10 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   if (m <= kRows) {  // bandwidth bound: each task streams a contiguous stretch of rows, all columns
     const int64_t per = nibbles ? group : int8_activations ? kBlock : 4, units = k / per;
     splits = std::min(threads, units);
-    if (splits > 1) shared->partial.assign((splits - 1) * m * n, 0.0f);
+    if (splits > 1) call.partial.assign((splits - 1) * m * n, 0.0f);
     for (int64_t i = 0; i < splits; ++i) {
       const int64_t k0 = units * i / splits * per, k1 = i + 1 == splits ? k : units * (i + 1) / splits * per;
-      shared->tasks.push_back({k0, k1, 0, n, i == 0 ? out : shared->partial.data() + (i - 1) * m * n, 0, m});
+      call.tasks.push_back({k0, k1, 0, n, i == 0 ? out : call.partial.data() + (i - 1) * m * n, 0, m});
     }
   } else {  // compute bound: tasks by panels of columns (whole vectors, at most kPanel wide) and blocks of rows
     // Panels alone leave threads idle where N has few panels (576 columns: 512 + 64; 192: one), so rows are
@@ -680,23 +666,17 @@ ffi::Error qmatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
     for (int64_t i = 0; i < panels; ++i) {
       const int64_t n0 = units * i / panels * kUnit, n1 = std::min(n, units * (i + 1) / panels * kUnit);
       for (int64_t j = 0; j < chunks; ++j)
-        shared->tasks.push_back({0, k, n0, n1, out, row_blocks * j / chunks * kRows,
+        call.tasks.push_back({0, k, n0, n1, out, row_blocks * j / chunks * kRows,
                                  std::min(m, row_blocks * (j + 1) / chunks * kRows)});
     }
   }
-  const int64_t total = static_cast<int64_t>(shared->tasks.size());
   const auto one = +[](void* context, int64_t i) {
-    const Shared* s = static_cast<const Shared*>(context);
-    (s->problem.qx ? build().run_int : build().run)(s->problem, s->tasks[i]);
+    const Call* c = static_cast<const Call*>(context);
+    (c->problem.qx ? build().run_int : build().run)(c->problem, c->tasks[i]);
   };
-  if (total < 2 || threads < 2 || !meshlm::Workers::get(threads)->run(total, one, shared.get())) {
-    const int64_t helpers = std::min(threads, total - 1);  // helpers busy (or none): XLA's pool
-    for (int64_t h = 0; h < helpers; ++h) pool.Schedule([shared] { work(shared.get()); });
-    work(shared.get());
-    while (shared->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
-  }
+  meshlm::parallel_for(pool, static_cast<int64_t>(call.tasks.size()), one, &call);
   for (int64_t i = 1; i < splits; ++i) {  // the other splits' partial sums
-    const float* part = shared->partial.data() + (i - 1) * m * n;
+    const float* part = call.partial.data() + (i - 1) * m * n;
     for (int64_t j = 0; j < m * n; ++j) out[j] += part[j];
   }
   return ffi::Error::Success();

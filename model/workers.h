@@ -9,6 +9,7 @@
 
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -16,7 +17,6 @@
 #include <memory>
 #include <mutex>
 #include <thread>
-#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -35,6 +35,23 @@ class Workers {
   static Workers* get(int64_t threads) {
     static Workers* workers = new Workers(threads - 1);  // never destroyed: the threads are detached
     return workers;
+  }
+
+  // One call's tasks. A thread that arrives after the call has returned holds its own reference, finds no
+  // task left and lets go.
+  struct Job {
+    Fn fn = nullptr;
+    void* context = nullptr;
+    int64_t total = 0;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+
+  static void work(Job& job) {
+    for (int64_t i; (i = job.next.fetch_add(1, std::memory_order_relaxed)) < job.total;) {
+      job.fn(job.context, i);
+      job.done.fetch_add(1, std::memory_order_release);
+    }
   }
 
   // Runs fn(context, i) for i in [0, total) on the caller and the helpers; returns when all are done. False
@@ -56,27 +73,10 @@ class Workers {
   }
 
  private:
-  // One call's tasks. A helper that arrives after the call has returned holds its own reference, finds no
-  // task left and lets go.
-  struct Job {
-    Fn fn = nullptr;
-    void* context = nullptr;
-    int64_t total = 0;
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-
   static constexpr auto kSpin = std::chrono::microseconds(200);
 
   explicit Workers(int64_t helpers) {
     for (int64_t i = 0; i < helpers; ++i) std::thread([this] { loop(); }).detach();
-  }
-
-  static void work(Job& job) {
-    for (int64_t i; (i = job.next.fetch_add(1, std::memory_order_relaxed)) < job.total;) {
-      job.fn(job.context, i);
-      job.done.fetch_add(1, std::memory_order_release);
-    }
   }
 
   void loop() {
@@ -102,5 +102,19 @@ class Workers {
   std::atomic<uint64_t> generation_{0};
   std::shared_ptr<Job> job_;
 };
+
+// Runs fn(context, i) for i in [0, total) and returns when all are done: on the caller and the helpers, or,
+// while another call holds those, on the caller and functions scheduled on `pool` (XLA's intra-op pool, an
+// ffi::ThreadPool), which may start after the return and then find no task left.
+template <class Pool>
+void parallel_for(Pool& pool, int64_t total, Workers::Fn fn, void* context) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  if (total > 1 && threads > 1 && Workers::get(threads)->run(total, fn, context)) return;
+  auto job = std::make_shared<Workers::Job>();
+  job->fn = fn, job->context = context, job->total = total;
+  for (int64_t h = 0; h < std::min(threads, total - 1); ++h) pool.Schedule([job] { Workers::work(*job); });
+  Workers::work(*job);
+  while (job->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+}
 
 }  // namespace meshlm
